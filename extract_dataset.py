@@ -1,0 +1,528 @@
+"""Build a VAE training set from videos: one sample per window's focal frame, one Ray actor per GPU.
+
+    python extract_dataset.py --root out --videos clips/ --kernel 5 --stride 3 --dilation 2
+
+Driver: parse and check arguments, list videos, take the root's lock, compare the run's
+parameters with the root's, start Ray, create one Worker per GPU (rank r writes OUT/<r>/), hand
+out videos as workers free up, record each finished video in OUT/videos.jsonl, print a summary.
+Worker (a Ray actor): loads the model once and runs pipeline.Pipeline on the videos it is handed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import glob
+import json
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".avi", ".webm")
+RUN_FILE = "run.json"  # the parameters every sample of this root was made with
+VIDEOS_FILE = "videos.jsonl"  # one line per finished / failed video: the datatrove-style markers
+LOCK_FILE = ".lock"
+# Parameters that change what a sample means: a rerun must use the same ones.
+DATASET_PARAMETERS = ("kernel", "stride", "dilation", "window_seconds", "backend", "model",
+                      "world_frame", "max_points", "conf_percentile", "min_conf", "resize_mode")
+QUEUED_PER_WORKER = 2  # one video in work, one decoding ahead
+
+
+class UsageError(Exception):
+    """A bad argument or root: one line, exit 2, before any work starts."""
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = p.add_argument_group("input and output")
+    io.add_argument("--root", required=True, help="output folder; reruns on it append")
+    io.add_argument("--videos", nargs="+", required=True,
+                    help="video files, folders (searched recursively), globs, or .txt lists (one path a line)")
+    io.add_argument("--files-per-dir", type=int, default=500, help="samples per shard folder")
+    w = p.add_argument_group("windows (a 1-D convolution over frame indices)")
+    w.add_argument("--kernel", type=int, default=5, help="frames per window, odd; the middle one is the focal frame")
+    w.add_argument("--stride", type=int, default=1, help="frames between consecutive focal frames")
+    w.add_argument("--dilation", type=int, default=1, help="frames between consecutive window frames")
+    w.add_argument("--window-seconds", type=float, default=None,
+                   help="instead of --dilation: make each window span about +-S seconds, from each video's fps")
+    m = p.add_argument_group("model")
+    m.add_argument("--backend", default="vggt", help="'vggt' or module:function, a factory make(device, **options)")
+    m.add_argument("--model", default="facebook/VGGT-1B",
+                   help="VGGT checkpoint: Hugging Face id, or a local .pt/.safetensors file or folder")
+    m.add_argument("--device", default=None, help="cuda or cpu (default: cuda when the worker has a GPU)")
+    m.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="autocast on CUDA: auto = bf16 on Ampere or newer, else fp16; CPU runs fp32")
+    m.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    m.add_argument("--resize-mode", default="crop", choices=("crop", "pad"),
+                   help="VGGT's preprocessing: crop = width 518, centre-crop height to 518; pad = fit in 518x518")
+    g = p.add_argument_group("geometry and point clouds")
+    g.add_argument("--world-frame", default="first", choices=("first", "focal"),
+                   help="world = camera of the window's earliest frame, or of its focal frame")
+    g.add_argument("--conf-percentile", type=float, default=25.0,
+                   help="drop each window's points below this depth-confidence percentile")
+    g.add_argument("--min-conf", type=float, default=0.0, help="and points below this absolute depth confidence")
+    g.add_argument("--max-points", type=int, default=50_000, help="cap on points per sample (deterministic subsample)")
+    r = p.add_argument_group("workers and Ray")
+    r.add_argument("--num-workers", type=int, default=None,
+                   help="Ray actors (ranks); default: one per GPU Ray sees, or 1 CPU worker with no GPU")
+    r.add_argument("--cpus-per-worker", type=int, default=1, help="CPU cores Ray reserves per worker")
+    r.add_argument("--address", default=None,
+                   help="join an existing Ray cluster ('auto' or HOST:PORT); default: a private local one")
+    r.add_argument("--max-attempts", type=int, default=2, help="tries per video when its worker process dies")
+    p.add_argument("--dry-run", action="store_true", help="list videos and the windows each gives, then stop")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    checks = [
+        (args.kernel < 1 or args.kernel % 2 == 0, "--kernel", f"must be odd and >= 1, got {args.kernel}"),
+        (args.stride < 1, "--stride", f"must be >= 1, got {args.stride}"),
+        (args.dilation < 1, "--dilation", f"must be >= 1, got {args.dilation}"),
+        (args.window_seconds is not None and not args.window_seconds > 0, "--window-seconds",
+         f"must be > 0, got {args.window_seconds}"),
+        (args.window_seconds is not None and args.kernel < 3, "--window-seconds", "needs --kernel >= 3"),
+        (args.files_per_dir < 1, "--files-per-dir", f"must be >= 1, got {args.files_per_dir}"),
+        (args.batch_size < 1, "--batch-size", f"must be >= 1, got {args.batch_size}"),
+        (args.max_points < 1, "--max-points", f"must be >= 1, got {args.max_points}"),
+        (not 0 <= args.conf_percentile < 100, "--conf-percentile", f"must be in [0, 100), got {args.conf_percentile}"),
+        (args.num_workers is not None and args.num_workers < 1, "--num-workers", f"must be >= 1, got {args.num_workers}"),
+        (args.cpus_per_worker < 1, "--cpus-per-worker", f"must be >= 1, got {args.cpus_per_worker}"),
+        (args.max_attempts < 1, "--max-attempts", f"must be >= 1, got {args.max_attempts}"),
+        (args.backend != "vggt" and ":" not in args.backend, "--backend", f"must be 'vggt' or module:function, got {args.backend!r}"),
+    ]
+    for bad, name, message in checks:
+        if bad:
+            parser.error(f"argument {name}: {message}")
+    if args.window_seconds is not None:
+        args.dilation = None  # per video, recorded in every sample
+    return args
+
+
+def list_videos(sources: list[str]) -> list[str]:
+    """Video paths from files, folders (recursive), globs and .txt lists: de-duplicated (same file
+    reached twice) and sorted, so every run orders the same inputs the same way."""
+    found: list[str] = []
+    for source in sources:
+        if any(c in source for c in "*?["):
+            matches = sorted(glob.glob(source, recursive=True))
+            if not matches:
+                raise UsageError(f"argument --videos: glob matches nothing: {source}")
+            found += [m for m in matches if m.lower().endswith(VIDEO_EXTENSIONS) and os.path.isfile(m)]
+        elif os.path.isdir(source):
+            for folder, _, files in os.walk(source):
+                found += [os.path.join(folder, f) for f in files if f.lower().endswith(VIDEO_EXTENSIONS)]
+        elif os.path.isfile(source) and source.lower().endswith(".txt"):
+            try:
+                with open(source, encoding="utf-8") as f:
+                    lines = [line.strip() for line in f]
+            except (OSError, UnicodeDecodeError) as e:
+                raise UsageError(f"argument --videos: cannot read list {source}: {e}") from e
+            base = os.path.dirname(source)
+            found += [line if os.path.isabs(line) else os.path.join(base, line)
+                      for line in lines if line and not line.startswith("#")]
+        elif os.path.isfile(source):
+            found.append(source)
+        else:
+            raise UsageError(f"argument --videos: no such file or folder: {source}")
+    unique: dict[str, str] = {}
+    for path in sorted(found):
+        unique.setdefault(os.path.realpath(path), path)
+    return sorted(unique.values())
+
+
+# ----------------------------------------------------------------------------- the root's state
+
+
+def run_parameters(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in DATASET_PARAMETERS}
+
+
+def check_run_parameters(root: str, params: dict) -> None:
+    """Record the parameters on a new root; refuse a rerun whose parameters differ."""
+    path = os.path.join(root, RUN_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+        for name in DATASET_PARAMETERS:
+            if name in recorded and recorded[name] != params[name]:
+                raise UsageError(
+                    f"argument --{name.replace('_', '-')}: {params[name]!r} differs from {recorded[name]!r} used "
+                    f"for the samples already in {root} (use another --root, or the same value)")
+        return
+    _write_atomic(path, json.dumps(params, indent=2) + "\n")
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def take_root_lock(root: str):
+    """An exclusive lock on the root for this run. The OS drops it when the process dies, so a
+    killed run never leaves it stuck."""
+    handle = open(os.path.join(root, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        raise UsageError(f"argument --root: {root} is in use by a running extraction ({holder}); wait for it to finish")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    handle.flush()
+    return handle
+
+
+def read_video_status(root: str) -> dict[str, dict]:
+    """video -> its latest record in videos.jsonl."""
+    from sharded_writer import read_index
+
+    return {r["video"]: r for r in read_index(os.path.join(root, VIDEOS_FILE), repair=True)}
+
+
+def read_resume_points(root: str, ranks: list[int] | None = None) -> dict[str, int]:
+    """video -> highest focal frame already written, over every rank's index (or those given)."""
+    from sharded_writer import INDEX_NAME, read_index
+
+    last: dict[str, int] = {}
+    paths = glob.glob(os.path.join(root, "*", INDEX_NAME)) if ranks is None else [
+        os.path.join(root, str(rank), INDEX_NAME) for rank in ranks]
+    for path in paths:
+        for r in read_index(path):
+            last[r["video"]] = max(last.get(r["video"], -1), r["frame_index"])
+    return last
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+@dataclass
+class WorkerConfig:
+    root: str
+    files_per_dir: int
+    kernel: int
+    stride: int
+    dilation: int | None
+    window_seconds: float | None
+    resize_mode: str
+    backend: str
+    model: str
+    device: str | None
+    precision: str
+    batch_size: int
+    world_frame: str
+    conf_percentile: float
+    min_conf: float
+    max_points: int
+    cpus: int
+
+
+class Worker:
+    """One rank: the model loaded once, a pipeline, and OUT/<rank>/ held under a lock."""
+
+    def __init__(self, rank: int, config: WorkerConfig):
+        import torch
+
+        from pipeline import Pipeline, WindowSettings
+        from sharded_writer import ShardedWriter
+        from streaming_vggt import GeometryConfig, GeometryStage, load_backend
+
+        torch.set_num_threads(config.cpus)
+        self.rank = rank
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        rank_dir = os.path.join(config.root, str(rank))
+        os.makedirs(rank_dir, exist_ok=True)
+        # A replaced worker may start while its killed predecessor is still exiting: wait for its lock.
+        self._lock = open(os.path.join(rank_dir, LOCK_FILE), "a")
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"rank {rank}: {rank_dir} stays locked by another process")
+                time.sleep(0.2)
+        factory = load_backend(config.backend)
+        options = {"model": config.model, "precision": config.precision} if config.backend == "vggt" else {}
+        model = factory(device, **options)
+        stage = GeometryStage(model, device, GeometryConfig(
+            world_frame=config.world_frame, conf_percentile=config.conf_percentile,
+            min_conf=config.min_conf, max_points=config.max_points))
+        writer = ShardedWriter(config.root, rank, config.files_per_dir)
+        settings = WindowSettings(config.kernel, config.stride, config.dilation or 1,
+                                  config.window_seconds, config.resize_mode)
+        self.pipeline = Pipeline(stage, writer, settings, batch_size=config.batch_size)
+        self.device = device
+
+    def ready(self) -> dict:
+        import socket
+
+        return {"rank": self.rank, "device": self.device, "node": socket.gethostname(), "pid": os.getpid()}
+
+    def submit(self, task) -> None:
+        self.pipeline.submit(task)
+
+    def poll(self, timeout: float = 0.5) -> list:
+        return self.pipeline.poll(timeout)
+
+    def finish(self) -> dict:
+        self.pipeline.close()
+        return self.pipeline.stats.snapshot()
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def start_ray(address: str | None):
+    import ray
+
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    else:
+        # A private cluster on loopback only: nothing on the network can reach a batch job's Ray.
+        ray.init(address="local", _node_ip_address="127.0.0.2", include_dashboard=False,
+                 log_to_driver=True, configure_logging=False)
+    return ray
+
+
+def decide_workers(ray, args) -> tuple[int, int]:
+    """(number of workers, GPUs per worker); an impossible request is said now, not left pending."""
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    use_gpu = gpus > 0 and args.device != "cpu"
+    if use_gpu:
+        count = args.num_workers or gpus
+        if count > gpus:
+            raise UsageError(f"argument --num-workers: {count} workers need {count} GPUs, the cluster has {gpus}")
+    else:
+        count = args.num_workers or 1
+    if count * args.cpus_per_worker > cpus:
+        raise UsageError(f"argument --num-workers: {count} workers x {args.cpus_per_worker} CPUs need "
+                         f"{count * args.cpus_per_worker} CPUs, the cluster has {cpus}")
+    return count, 1 if use_gpu else 0
+
+
+def replace_worker(ray, actors: dict, rank: int, error: BaseException) -> bool:
+    """Make sure the rank's actor is a fresh process (Ray restarts dead ones); False if it cannot start."""
+    if "ActorDied" not in type(error).__name__ and "RayActorError" not in type(error).__name__:
+        ray.kill(actors[rank], no_restart=False)  # alive but broken: restart it
+    try:
+        ray.get(actors[rank].ready.remote(), timeout=600)
+        return True
+    except Exception:
+        return False
+
+
+def dry_run(videos: list[str], args, status: dict[str, dict]) -> int:
+    from frames import DecodeError, FrameSource
+    from pipeline import WindowSettings
+    from window import num_windows
+
+    settings = WindowSettings(args.kernel, args.stride, args.dilation or 1, args.window_seconds, args.resize_mode)
+    total = 0
+    print(f"{'windows':>8} {'frames':>8} {'fps':>7} {'dil':>4}  video")
+    for video in videos:
+        if status.get(video, {}).get("status") in ("done", "no_windows"):
+            print(f"{'done':>8} {'':>8} {'':>7} {'':>4}  {video}")
+            continue
+        try:
+            info = FrameSource(video, args.resize_mode).info
+        except DecodeError as e:
+            print(f"{'failed':>8} {'':>8} {'':>7} {'':>4}  {video}: {e}")
+            continue
+        dilation = settings.dilation_for(info.fps)
+        count = num_windows(info.num_frames, args.kernel, args.stride, dilation)
+        total += count
+        print(f"{count:8d} {info.num_frames:8d} {info.fps:7.2f} {dilation:4d}  {video}")
+    print(f"total: {total} samples from {len(videos)} videos")
+    return 0
+
+
+class Progress:
+    """A tqdm bar over windows; its total grows as workers open videos, with unopened ones estimated."""
+
+    def __init__(self, videos_todo: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=0, unit="win", disable=not enabled, dynamic_ncols=True, smoothing=0.05)
+        self.videos_todo, self.videos_opened, self.windows_known = videos_todo, 0, 0
+        self.failed = 0
+
+    def video_opened(self, windows_todo: int) -> None:
+        self.videos_opened += 1
+        self.windows_known += windows_todo
+        unopened = max(0, self.videos_todo - self.videos_opened)
+        self.bar.total = self.windows_known + round(self.windows_known / self.videos_opened * unopened)
+        self.bar.refresh()
+
+    def update(self, windows: int, failed: int) -> None:
+        self.failed = failed
+        self.bar.set_postfix(failed=failed, refresh=False)
+        self.bar.update(windows)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    videos = list_videos(args.videos)
+    if not videos:
+        raise UsageError("argument --videos: no video files found")
+    os.makedirs(args.root, exist_ok=True)
+    lock = take_root_lock(args.root)
+    status = read_video_status(args.root)
+    if args.dry_run:
+        return dry_run(videos, args, status)
+    check_run_parameters(args.root, run_parameters(args))
+
+    from pipeline import VideoResult, VideoStart, VideoTask
+
+    finished = {v for v, r in status.items() if r["status"] in ("done", "no_windows")}
+    todo = [v for v in videos if v not in finished]
+    resume = read_resume_points(args.root)
+    print(f"{len(videos)} videos: {len(videos) - len(todo)} already done, {len(todo)} to do", file=sys.stderr)
+    if not todo:
+        return 0
+
+    ray = start_ray(args.address)
+    count, gpus = decide_workers(ray, args)
+    config = WorkerConfig(
+        root=os.path.abspath(args.root), files_per_dir=args.files_per_dir, kernel=args.kernel,
+        stride=args.stride, dilation=args.dilation, window_seconds=args.window_seconds,
+        resize_mode=args.resize_mode, backend=args.backend, model=args.model, device=args.device,
+        precision=args.precision, batch_size=args.batch_size, world_frame=args.world_frame,
+        conf_percentile=args.conf_percentile, min_conf=args.min_conf, max_points=args.max_points,
+        cpus=args.cpus_per_worker)
+    # Workers import this project's modules (and a --backend module) from the driver's paths.
+    here = os.path.dirname(os.path.abspath(__file__))
+    pythonpath = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+    actor_class = ray.remote(Worker).options(num_gpus=gpus, num_cpus=args.cpus_per_worker,
+                                             max_restarts=-1, max_task_retries=0,
+                                             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    actors = {rank: actor_class.remote(rank, config) for rank in range(count)}
+    for rank, actor in list(actors.items()):
+        try:
+            info = ray.get(actor.ready.remote())
+            print(f"worker {rank}: {info['device']} on {info['node']}", file=sys.stderr)
+        except Exception as e:
+            raise SystemExit(f"worker {rank} failed to start: {_last_line(e)}")
+
+    started = time.time()
+    pending = deque(VideoTask(v, resume.get(v, -1)) for v in todo)
+    attempts: dict[str, int] = {}
+    inflight: dict[int, list[VideoTask]] = {rank: [] for rank in actors}
+    results: list[VideoResult] = []
+    opened: set[str] = set()
+    progress = Progress(len(todo), enabled=not args.no_progress)
+    videos_log = open(os.path.join(args.root, VIDEOS_FILE), "a", encoding="utf-8")
+
+    def record(result: VideoResult, rank: int) -> None:
+        results.append(result)
+        line = {**asdict(result), "rank": rank, "attempts": attempts.get(result.video, 0) + 1,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        videos_log.write(json.dumps(line) + "\n")
+        videos_log.flush()
+
+    try:
+        while pending or any(inflight.values()):
+            for rank, actor in actors.items():
+                # A video that was in flight when its worker died goes alone, so a second death names it.
+                while pending and len(inflight[rank]) < QUEUED_PER_WORKER:
+                    if attempts.get(pending[0].video) and inflight[rank]:
+                        break
+                    task = pending.popleft()
+                    inflight[rank].append(task)
+                    actor.submit.remote(task)
+                    if attempts.get(task.video):
+                        break
+            polls = {actor.poll.remote(0.5): rank for rank, actor in actors.items() if inflight[rank]}
+            for ref, rank in polls.items():
+                try:
+                    events = ray.get(ref)
+                except Exception as e:  # the worker process died (or its pipeline broke)
+                    if not replace_worker(ray, actors, rank, e):
+                        del actors[rank]
+                        print(f"worker {rank} cannot be replaced: {_last_line(e)}", file=sys.stderr)
+                    # The replaced worker holds the rank's lock, so the dead one wrote its last sample:
+                    # its index says where each of its videos stopped.
+                    written = read_resume_points(args.root, ranks=[rank])
+                    for task in inflight.pop(rank) if rank not in actors else inflight[rank]:
+                        attempts[task.video] = attempts.get(task.video, 0) + 1
+                        if attempts[task.video] >= args.max_attempts:
+                            record(VideoResult(task.video, "failed",
+                                               f"worker died {attempts[task.video]} times: {_last_line(e)}"), rank)
+                        else:
+                            pending.appendleft(VideoTask(task.video, max(task.after_focal, written.get(task.video, -1))))
+                    if rank in actors:
+                        inflight[rank] = []
+                    if not actors:
+                        for task in pending:
+                            record(VideoResult(task.video, "failed", "no worker left"), rank)
+                        pending.clear()
+                    progress.update(0, sum(r.status == "failed" for r in results))
+                    continue
+                windows = 0
+                for event in events:
+                    if isinstance(event, VideoStart) and event.video not in opened:
+                        opened.add(event.video)
+                        progress.video_opened(event.windows_todo)
+                    elif isinstance(event, VideoResult):
+                        inflight[rank] = [t for t in inflight[rank] if t.video != event.video]
+                        record(event, rank)
+                    else:
+                        windows += 1
+                progress.update(windows, sum(r.status == "failed" for r in results))
+        stats = [ray.get(actor.finish.remote()) for actor in actors.values()]
+    finally:
+        progress.close()
+        videos_log.close()
+    elapsed = time.time() - started
+    print_summary(results, stats, elapsed, args.root)
+    lock.close()
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def print_summary(results, stats: list[dict], elapsed: float, root: str) -> None:
+    by_status = {s: [r for r in results if r.status == s] for s in ("done", "no_windows", "failed")}
+    samples = sum(r.samples for r in results)
+    points = sum(s.get("points_written", 0) for s in stats)
+    print(f"videos: {len(by_status['done'])} done, {len(by_status['no_windows'])} too short for one window, "
+          f"{len(by_status['failed'])} failed", file=sys.stderr)
+    print(f"samples: {samples} written in {elapsed:.1f} s ({samples / max(elapsed, 1e-9):.2f} windows/s), "
+          f"{points / max(samples, 1):.0f} points per sample", file=sys.stderr)
+    for r in by_status["failed"]:
+        print(f"failed: {r.video}: {r.reason}", file=sys.stderr)
+    if by_status["failed"]:
+        print(f"failures are recorded in {os.path.join(root, VIDEOS_FILE)} (status 'failed'); "
+              f"a rerun retries them", file=sys.stderr)
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

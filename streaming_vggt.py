@@ -1,0 +1,339 @@
+"""The geometry stage: batches of windows in, one focal-frame sample per window out.
+
+windows of uint8 frames --model--> depth + cameras for every frame --unproject, filter, cap--> Sample
+
+The model sits behind a small seam (SPEC "The geometry model seam"): a factory
+`make(device, **options) -> model`, where `model(frames [B,S,3,H,W] float in [0,1])` returns
+float32 `depth [B,S,H,W]`, `depth_conf [B,S,H,W]`, `extrinsic [B,S,3,4]` (world-to-camera, OpenCV
+axes, world = the camera of input frame 0) and `intrinsic [B,S,3,3]` (pixels of the HxW grid).
+`make_vggt` is the default factory; `load_backend("module:function")` loads any other.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from frames import WindowFrames
+
+DEFAULT_MODEL = "facebook/VGGT-1B"
+HEADS_NOT_BUILT = ("point_head.", "track_head.")  # points come from depth + cameras instead
+
+
+# ----------------------------------------------------------------------------- the sample record
+
+
+@dataclass
+class Sample:
+    """One training sample: the focal frame of one window, on the CPU, ready for the writer.
+
+    All geometry is in the window's world frame (`world_frame`: the camera of the window's
+    earliest frame, or of its focal frame), in the model's units (VGGT: up to scale, per window).
+    Pixel grid: the model's H x W, pixel centres at integer coordinates.
+    """
+
+    video: str
+    frame_index: int  # focal frame's index in the video
+    timestamp: float  # seconds
+    fps: float
+    dilation: int
+    window_frame_indices: list[int]  # time order, focal in the middle
+    window_timestamps: list[float]
+    world_frame: str  # "first" | "focal"
+    rgb: torch.Tensor  # uint8 [H, W, 3], the focal frame exactly as the model saw it
+    depth: torch.Tensor  # float32 [H, W], z-depth of the focal frame along its camera's forward axis
+    extrinsic: torch.Tensor  # float32 [3, 4], focal camera, world-to-camera, OpenCV (x right, y down, z forward)
+    intrinsic: torch.Tensor  # float32 [3, 3], focal camera, pixels of `rgb`
+    window_extrinsics: torch.Tensor  # float32 [S, 3, 4], time order
+    window_intrinsics: torch.Tensor  # float32 [S, 3, 3], time order
+    points: torch.Tensor  # float32 [N, 6]: x y z (world) r g b (in [0, 1]), from all S frames
+    quality: dict[str, float] = field(default_factory=dict)  # confidence percentiles, kept fraction, depth range
+
+
+# ----------------------------------------------------------------------------- the model seam
+
+ModelFactory = Callable[..., Callable[[torch.Tensor], dict[str, torch.Tensor]]]
+
+
+def load_backend(spec: str) -> ModelFactory:
+    """'vggt' -> make_vggt; 'module:function' -> that factory (module found on sys.path)."""
+    if spec == "vggt":
+        return make_vggt
+    module_name, sep, function_name = spec.partition(":")
+    if not sep or not module_name or not function_name:
+        raise ValueError(f"--backend must be 'vggt' or 'module:function', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"--backend: cannot import module {module_name!r}: {e}") from e
+    factory = getattr(module, function_name, None)
+    if not callable(factory):
+        raise ValueError(f"--backend: module {module_name!r} has no callable {function_name!r}")
+    return factory
+
+
+def _import_vggt():
+    try:
+        from vggt.models.vggt import VGGT
+        from vggt.utils.pose_enc import pose_encoding_to_extri_intri
+    except ImportError as e:
+        raise ImportError(
+            "the VGGT backend needs the vggt package: pip install git+https://github.com/facebookresearch/vggt"
+        ) from e
+    return VGGT, pose_encoding_to_extri_intri
+
+
+def load_vggt_state_dict(model: torch.nn.Module, source: str) -> None:
+    """Load VGGT weights from a Hugging Face repo id or a local file/folder into a model built
+    without point and track heads. Only `point_head.*` / `track_head.*` may be left unused; any
+    other missing or unexpected key is an error (a wrong checkpoint must not load silently)."""
+    state_dict = _read_state_dict(_checkpoint_file(source))
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    unexpected = [k for k in unexpected if not k.startswith(HEADS_NOT_BUILT)]
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {source!r} does not fit VGGT: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
+        )
+
+
+def _checkpoint_file(source: str) -> str:
+    names = ("model.safetensors", "model.pt", "pytorch_model.bin")
+    if os.path.isfile(source):
+        return source
+    if os.path.isdir(source):
+        for name in names:
+            if os.path.isfile(os.path.join(source, name)):
+                return os.path.join(source, name)
+        raise FileNotFoundError(f"--model {source!r}: folder holds none of {names}")
+    from huggingface_hub import hf_hub_download
+
+    for name in names[:2]:
+        try:
+            return hf_hub_download(source, name)
+        except Exception as e:  # not in the repo, or no network: try the next, then say so
+            last_error = e
+    raise FileNotFoundError(f"--model {source!r}: not a local path and not downloadable ({last_error})")
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    return state_dict.get("model", state_dict) if isinstance(state_dict, dict) else state_dict
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """bf16 on Ampere+ GPUs, fp16 on older ones; no autocast on CPU (bf16 there was 3.6x slower)."""
+    if precision == "fp32" or device.type != "cuda":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class VGGTModel:
+    """VGGT behind the seam: frames [B,S,3,H,W] in [0,1] -> depth, depth_conf, extrinsic, intrinsic."""
+
+    def __init__(self, network: torch.nn.Module, device: torch.device, precision: str = "auto"):
+        _, self._pose_encoding_to_extri_intri = _import_vggt()
+        self.network = network.to(device).eval()
+        self.device = device
+        self.dtype = autocast_dtype(device, precision)
+
+    def __call__(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            out = self.network(frames)  # heads run in fp32 inside VGGT
+        extrinsic, intrinsic = self._pose_encoding_to_extri_intri(out["pose_enc"].float(), frames.shape[-2:])
+        return {
+            "depth": out["depth"][..., 0].float(),
+            "depth_conf": out["depth_conf"].float(),
+            "extrinsic": extrinsic.float(),
+            "intrinsic": intrinsic.float(),
+        }
+
+
+def make_vggt(device: str | torch.device, model: str = DEFAULT_MODEL, precision: str = "auto",
+              network: torch.nn.Module | None = None) -> VGGTModel:
+    """The default factory. `model`: Hugging Face id or local checkpoint (file or folder);
+    `network`: an already-built VGGT (tests pass a tiny random one), skips loading."""
+    VGGT, _ = _import_vggt()
+    if network is None:
+        network = VGGT(enable_point=False, enable_track=False)
+        load_vggt_state_dict(network, model)
+    return VGGTModel(network, torch.device(device), precision)
+
+
+# ----------------------------------------------------------------------------- geometry helpers
+
+
+def as_4x4(extrinsic: torch.Tensor) -> torch.Tensor:
+    """[..., 3, 4] -> [..., 4, 4] with the homogeneous row."""
+    bottom = torch.zeros(*extrinsic.shape[:-2], 1, 4, dtype=extrinsic.dtype, device=extrinsic.device)
+    bottom[..., 0, 3] = 1
+    return torch.cat([extrinsic, bottom], dim=-2)
+
+
+def rebase_extrinsics(extrinsic: torch.Tensor, anchor: int) -> torch.Tensor:
+    """[B,S,3,4] world-to-camera -> same cameras with world = camera `anchor` (E_i @ E_anchor^-1)."""
+    full = as_4x4(extrinsic.double())
+    return (full @ torch.linalg.inv(full[:, anchor : anchor + 1]))[..., :3, :].float()
+
+
+def unproject(depth: torch.Tensor, extrinsic: torch.Tensor, intrinsic: torch.Tensor) -> torch.Tensor:
+    """depth [B,S,H,W], world-to-camera [B,S,3,4], intrinsic [B,S,3,3] -> world points [B,S,H,W,3].
+
+    Pixel (u, v) with centre at integer coordinates: X_cam = depth * K^-1 [u, v, 1];
+    X_world = R^T (X_cam - t).
+    """
+    B, S, H, W = depth.shape
+    v, u = torch.meshgrid(
+        torch.arange(H, device=depth.device, dtype=torch.float32),
+        torch.arange(W, device=depth.device, dtype=torch.float32),
+        indexing="ij",
+    )
+    fx, fy = intrinsic[..., 0, 0, None, None], intrinsic[..., 1, 1, None, None]
+    cx, cy = intrinsic[..., 0, 2, None, None], intrinsic[..., 1, 2, None, None]
+    cam = torch.stack([(u - cx) / fx * depth, (v - cy) / fy * depth, depth], dim=-1)  # [B,S,H,W,3]
+    R, t = extrinsic[..., :3], extrinsic[..., 3]
+    return torch.einsum("bsji,bshwj->bshwi", R, cam - t[:, :, None, None, :])
+
+
+def sample_priority(count: int, seed: int, device: torch.device) -> torch.Tensor:
+    """A fixed pseudo-random int64 key per point index (a 32-bit integer hash): the same on every
+    device and every run, so capping by the smallest keys is deterministic and needs no RNG state."""
+    x = (torch.arange(count, device=device, dtype=torch.int64) + (seed & 0xFFFFFFFF)) & 0xFFFFFFFF
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF  # constants < 2^31: no int64 overflow
+    return (x >> 16) ^ x
+
+
+def sample_seed(video: str, frame_index: int) -> int:
+    return zlib.crc32(f"{video}:{frame_index}".encode())
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class GeometryConfig:
+    world_frame: str = "first"  # "first": earliest window frame's camera; "focal": the focal camera
+    conf_percentile: float = 25.0  # drop the window's lowest-confidence points below this percentile
+    min_conf: float = 0.0  # and any point below this absolute depth_conf (VGGT's is >= 1)
+    max_points: int = 50_000  # cap per sample, deterministic subsample
+    focal_first: bool = True  # feed the focal frame as input 0 (VGGT's reference, predicted best)
+
+
+class GeometryStage:
+    """Runs the model on a batch of equal-shape windows and turns predictions into Samples.
+
+    All post-processing stays on the model's device; only the kept points, the focal depth and
+    the cameras cross to the host, in one copy each per batch.
+    """
+
+    def __init__(self, model: Callable[[torch.Tensor], dict[str, torch.Tensor]], device: str | torch.device,
+                 config: GeometryConfig = GeometryConfig()):
+        if config.world_frame not in ("first", "focal"):
+            raise ValueError(f"world frame must be 'first' or 'focal', got {config.world_frame!r}")
+        self.model = model
+        self.device = torch.device(device)
+        self.config = config
+
+    def input_order(self, num_frames: int) -> list[int]:
+        """Positions (time order) in the order the model sees them."""
+        focal = num_frames // 2
+        if not self.config.focal_first:
+            return list(range(num_frames))
+        return [focal] + [i for i in range(num_frames) if i != focal]
+
+    @torch.inference_mode()
+    def predict(self, frames_u8: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 [B,S,H,W,3] (time order, host) -> model outputs in time order on the device,
+        cameras re-expressed in the configured world frame."""
+        B, S, H, W, _ = frames_u8.shape
+        if frames_u8.device.type == "cpu" and self.device.type == "cuda":
+            frames_u8 = frames_u8.pin_memory()
+        order = self.input_order(S)
+        x = frames_u8.to(self.device, non_blocking=True)[:, order]
+        x = x.permute(0, 1, 4, 2, 3).float().div_(255)  # [B,S,3,H,W] in [0,1]; cast after the copy
+        out = self.model(x)
+        back = [order.index(i) for i in range(S)]  # model order -> time order
+        out = {k: out[k][:, back].float() for k in ("depth", "depth_conf", "extrinsic", "intrinsic")}
+        anchor = 0 if self.config.world_frame == "first" else S // 2
+        out["extrinsic"] = rebase_extrinsics(out["extrinsic"], anchor)
+        return out
+
+    @torch.inference_mode()
+    def __call__(self, batch: list[WindowFrames]) -> list[Sample]:
+        frames_u8 = torch.stack([w.frames for w in batch])  # [B,S,H,W,3]
+        B, S, H, W, _ = frames_u8.shape
+        out = self.predict(frames_u8)
+        depth, conf = out["depth"], out["depth_conf"]
+        world = unproject(depth, out["extrinsic"], out["intrinsic"]).reshape(B, S * H * W, 3)
+        colours = frames_u8.to(self.device, non_blocking=True).reshape(B, S * H * W, 3)
+
+        kept_points, quality = [], []
+        for b, w in enumerate(batch):
+            flat_conf, flat_depth = conf[b].reshape(-1), depth[b].reshape(-1)
+            threshold = max(self.config.min_conf, _percentile(flat_conf, self.config.conf_percentile))
+            valid = (flat_conf >= threshold) & (flat_depth > 0) & torch.isfinite(world[b]).all(-1)
+            index = valid.nonzero()[:, 0]
+            if index.numel() > self.config.max_points:
+                keys = sample_priority(S * H * W, sample_seed(w.video, w.window.focal_frame), self.device)[index]
+                index = index[keys.topk(self.config.max_points, largest=False).indices].sort().values
+            kept_points.append(torch.cat([world[b, index], colours[b, index].float() / 255], dim=1))
+            focal_conf = conf[b, S // 2].reshape(-1)
+            focal_depth = depth[b, S // 2]
+            quality.append(torch.stack([
+                *torch.quantile(focal_conf.float(), torch.tensor([0.1, 0.5, 0.9], device=self.device)),
+                valid.float().mean(),
+                focal_depth.min(), focal_depth.max(),
+            ]))
+
+        # One device->host copy per kind for the whole batch.
+        counts = [p.shape[0] for p in kept_points]
+        points_cpu = torch.cat(kept_points).cpu().split(counts)
+        quality_cpu = torch.stack(quality).cpu().tolist()
+        depth_cpu = depth[:, S // 2].contiguous().cpu()
+        extrinsic_cpu, intrinsic_cpu = out["extrinsic"].cpu(), out["intrinsic"].cpu()
+
+        samples = []
+        for b, w in enumerate(batch):
+            q = quality_cpu[b]
+            samples.append(Sample(
+                video=w.video,
+                frame_index=w.window.focal_frame,
+                timestamp=w.timestamps[S // 2],
+                fps=w.fps,
+                dilation=w.dilation,
+                window_frame_indices=list(w.window.frame_indices),
+                window_timestamps=list(w.timestamps),
+                world_frame=self.config.world_frame,
+                rgb=w.frames[S // 2],
+                depth=depth_cpu[b],
+                extrinsic=extrinsic_cpu[b, S // 2].clone(),
+                intrinsic=intrinsic_cpu[b, S // 2].clone(),
+                window_extrinsics=extrinsic_cpu[b].clone(),
+                window_intrinsics=intrinsic_cpu[b].clone(),
+                points=points_cpu[b].clone(),  # clone: torch.save would otherwise write the whole batch
+                quality={
+                    "conf_p10": q[0], "conf_p50": q[1], "conf_p90": q[2],
+                    "kept_fraction": q[3], "depth_min": q[4], "depth_max": q[5],
+                },
+            ))
+        return samples
+
+
+def _percentile(values: torch.Tensor, percentile: float) -> float:
+    if percentile <= 0:
+        return float("-inf")
+    # kthvalue works on any size and device (quantile refuses inputs over 16M elements)
+    k = max(1, min(values.numel(), int(round(values.numel() * percentile / 100))))
+    return values.float().kthvalue(k).values.item()
