@@ -1,6 +1,6 @@
 """Frame source: decode each needed frame of a video once, in order, and hand out windows.
 
-video file --decord--> upright uint8 frames --resize like VGGT's loader--> windows of frames
+video file --PyAV--> upright uint8 frames --resize like VGGT's loader--> windows of frames
 
 Only frames that some window needs are kept, and only while a later window still needs them,
 so memory is bounded by one window's span, never by the video's length.
@@ -8,6 +8,7 @@ so memory is bounded by one window's span, never by the video's length.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ class VideoInfo:
     path: str
     num_frames: int
     fps: float
-    width: int  # upright: decord 0.6 applies the container's display matrix (phone videos) itself
+    width: int  # upright: the container's display matrix (phone videos) is applied
     height: int
     timestamps_from_container: bool  # False: container timestamps were garbage, index / fps used
 
@@ -111,38 +112,43 @@ def _clean_timestamps(raw: np.ndarray, fps: float) -> tuple[list[float], bool]:
 
 
 class FrameSource:
-    """Opens one video with decord; `windows()` yields WindowFrames, decoding each needed frame once.
+    """Opens one video with PyAV; `windows()` yields WindowFrames, decoding each needed frame once.
+
+    Decoding runs in the caller's thread, one frame at a time, so memory holds only the frames a
+    pending window still needs (plus the codec's few reference frames). decord 0.6.0 is not used
+    for this: its threaded reader pushes every packet of the file to its decode thread as soon as
+    reading starts and queues all decoded full-resolution RGB frames, so memory grows with the
+    video's length (a 3 s 1080p clip: +570 MB; see tests/test_frames.py::test_memory_*).
 
     `frames_decoded` counts frames handed over by the decoder (the benchmark compares it with
-    window.needed_frames).
+    window.needed_frames). `num_threads` is the codec's thread count (0: FFmpeg picks).
     """
 
     def __init__(self, path: str, resize_mode: str = "crop", num_threads: int = 0):
         try:
-            import decord
-        except ImportError as e:  # pragma: no cover - decord is a hard requirement
-            raise ImportError("decord is not installed: pip install decord2 (or decord)") from e
+            import av
+        except ImportError as e:  # pragma: no cover - PyAV is a hard requirement
+            raise ImportError("PyAV is not installed: pip install av") from e
+        if not hasattr(av.VideoFrame, "rotation"):  # pragma: no cover
+            raise ImportError(f"PyAV {av.__version__} cannot read a video's rotation: pip install 'av>=14.2'")
         self.path = path
+        self._num_threads = num_threads
+        self._container = None  # open while windows() decodes
+        self._decoder = None  # iterator over decoded av.VideoFrame, presentation order
+        self._next_index = 0  # index of the frame the decoder hands over next (at least)
+        self._may_seek = True
         try:
-            self._reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads)
-            num_frames = len(self._reader)
-            fps = float(self._reader.get_avg_fps())
-            first = self._reader[0].shape if num_frames else (0, 0, 3)
-        except Exception as e:
+            probe = _probe(path)
+        except DecodeError:
+            raise
+        except Exception as e:  # av.FFmpegError, OSError, ...
             raise DecodeError(f"cannot open video: {_one_line(e)}") from e
-        if num_frames == 0:
-            raise DecodeError("video has no frames")
+        num_frames, fps, raw, self._rank, self._sorted_pts, self._keys, width, height, self._turns = probe
         if not (fps > 0 and math.isfinite(fps)):
             raise DecodeError(f"video reports a frame rate of {fps}")
-        if len(first) != 3 or first[2] != 3:  # decord2 3.4 returns 6 channels for rotated videos
-            raise DecodeError(f"decoder returned frames of shape {tuple(first)}, not HxWx3")
-        self._reader.seek(0)
-        height, width = first[0], first[1]
-        try:
-            raw = self._reader.get_frame_timestamp(np.arange(num_frames))[:, 0]
-        except Exception:
-            raw = np.full(num_frames, np.nan)
-        self._timestamps, from_container = _clean_timestamps(np.asarray(raw, dtype=np.float64), fps)
+        self._timestamps, from_container = _clean_timestamps(raw, fps)
+        if not from_container:  # timestamps are garbage: frames are identified by decode order
+            self._rank = None
         self.info = VideoInfo(path, num_frames, fps, width, height, from_container)
         self.grid = model_grid(width, height, resize_mode)
         self.frames_decoded = 0
@@ -159,51 +165,144 @@ class FrameSource:
         pending: set[int] = set()  # needed frame indices not decoded yet
         kept: dict[int, torch.Tensor] = {}  # frame index -> uint8 [H, W, 3] on the model grid
         exhausted = False
-        while True:
-            if not scheduled:
-                if exhausted or (first := next(upcoming, None)) is None:
-                    return
-                scheduled.append(first)
-                pending.update(first.frame_indices)
-            window = scheduled[0]
-            last = window.frame_indices[-1]
-            while not exhausted and scheduled[-1].frame_indices[0] <= last:
-                later = next(upcoming, None)
-                if later is None:
-                    exhausted = True
-                else:
-                    scheduled.append(later)
-                    pending.update(later.frame_indices)
-            due = sorted(i for i in pending if i <= last)
-            pending.difference_update(due)
-            self._decode_into(due, kept)
-            scheduled.popleft()
-            yield WindowFrames(
-                video=self.path,
-                window=window,
-                dilation=dilation,
-                frames=torch.stack([kept[i] for i in window.frame_indices]),
-                timestamps=tuple(self._timestamps[i] for i in window.frame_indices),
-                fps=self.info.fps,
-            )
-            # The next window starts `stride` frames later: frames before it are never needed again.
-            next_first = window.frame_indices[0] + stride
-            for i in [i for i in kept if i < next_first]:
-                del kept[i]
+        try:
+            while True:
+                if not scheduled:
+                    if exhausted or (first := next(upcoming, None)) is None:
+                        return
+                    scheduled.append(first)
+                    pending.update(first.frame_indices)
+                window = scheduled[0]
+                last = window.frame_indices[-1]
+                while not exhausted and scheduled[-1].frame_indices[0] <= last:
+                    later = next(upcoming, None)
+                    if later is None:
+                        exhausted = True
+                    else:
+                        scheduled.append(later)
+                        pending.update(later.frame_indices)
+                due = sorted(i for i in pending if i <= last)
+                pending.difference_update(due)
+                self._decode_into(due, kept)
+                scheduled.popleft()
+                yield WindowFrames(
+                    video=self.path,
+                    window=window,
+                    dilation=dilation,
+                    frames=torch.stack([kept[i] for i in window.frame_indices]),
+                    timestamps=tuple(self._timestamps[i] for i in window.frame_indices),
+                    fps=self.info.fps,
+                )
+                # The next window starts `stride` frames later: frames before it are never needed again.
+                next_first = window.frame_indices[0] + stride
+                for i in [i for i in kept if i < next_first]:
+                    del kept[i]
+        finally:
+            self._stop()
 
     def _decode_into(self, indices: list[int], kept: dict[int, torch.Tensor]) -> None:
         for at in range(0, len(indices), READ_CHUNK):
             chunk = indices[at : at + READ_CHUNK]
-            try:
-                batch = self._reader.get_batch(chunk).asnumpy()
-            except Exception as e:
-                raise DecodeError(f"cannot decode frames {chunk[0]}..{chunk[-1]}: {_one_line(e)}") from e
+            batch = np.stack([self._frame_at(i) for i in chunk])
             self.frames_decoded += len(chunk)
             for i, frame in zip(chunk, to_model_grid(torch.from_numpy(batch), self.grid)):
                 kept[i] = frame
 
+    def _frame_at(self, index: int) -> np.ndarray:
+        """Upright uint8 [H, W, 3] of frame `index`; indices must come in increasing order."""
+        try:
+            key = self._keys[bisect.bisect_right(self._keys, index) - 1]
+            if self._decoder is None or (self._may_seek and self._rank is not None and key > self._next_index):
+                self._start(key)  # skips whole GOPs of unneeded frames (resume, long strides)
+            while True:
+                frame = next(self._decoder, None)
+                if frame is None:
+                    raise DecodeError(f"video ended before frame {index} of the {self.info.num_frames} it lists")
+                i = self._index_of(frame)
+                if i is None or i < index:
+                    continue
+                if i > index:
+                    if key > 0 and self._may_seek and self._rank is not None:
+                        self._may_seek = False  # the seek overshot: decode from the start instead
+                        self._start(0)
+                        continue
+                    raise DecodeError(f"frame {index} is missing from the decoded stream")
+                self._next_index = i + 1
+                rgb = frame.to_ndarray(format="rgb24")
+                return np.ascontiguousarray(np.rot90(rgb, k=self._turns)) if self._turns else rgb
+        except DecodeError:
+            raise
+        except Exception as e:  # av.FFmpegError from a corrupt or truncated file
+            raise DecodeError(f"cannot decode frame {index}: {_one_line(e)}") from e
+
+    def _index_of(self, frame) -> int | None:
+        if self._rank is None:  # no usable timestamps: count frames from the start
+            self._counter += 1
+            return self._counter - 1
+        return self._rank.get(frame.pts)
+
+    def _start(self, key: int) -> None:
+        """(Re)start decoding at keyframe index `key` (0: the beginning of the file)."""
+        import av
+
+        if self._container is None:
+            self._container = av.open(self.path)
+            stream = self._container.streams.video[0]
+            stream.thread_type = "AUTO"
+            stream.thread_count = self._num_threads
+        stream = self._container.streams.video[0]
+        if key > 0 or self._decoder is not None:
+            self._container.seek(self._sorted_pts[key] if key > 0 else stream.start_time or 0,
+                                 stream=stream, backward=True)
+        self._decoder = self._container.decode(stream)
+        self._next_index = key
+        self._counter = 0
+
+    def _stop(self) -> None:
+        if self._container is not None:
+            self._container.close()
+        self._container = self._decoder = None
+        self._next_index, self._may_seek = 0, True
+
     def close(self) -> None:
-        self._reader = None
+        self._stop()
+
+
+def _probe(path: str):
+    """One demux pass (no decoding) for frame count, timestamps and keyframes, then the first
+    frame decoded for its upright size."""
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise DecodeError("file has no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else float("nan")
+        time_base = float(stream.time_base) if stream.time_base else float("nan")
+        start = stream.start_time or 0
+        # discarded packets (an edit list cutting into a GOP, e.g. a clip trimmed by stream copy)
+        # are decoded for reference only and never shown: not frames of the video
+        packets = [(p.pts, p.is_keyframe) for p in container.demux(stream)
+                   if p.size > 0 and not getattr(p, "is_discard", False)]
+    if not packets:
+        raise DecodeError("video has no frames")
+    pts = [p for p, _ in packets]
+    if all(p is not None for p in pts) and len(set(pts)) == len(pts):
+        sorted_pts = sorted(pts)
+        rank = {p: i for i, p in enumerate(sorted_pts)}
+        keys = sorted({0} | {rank[p] for p, key in packets if key})
+        raw = (np.asarray(sorted_pts, dtype=np.float64) - start) * time_base
+    else:
+        sorted_pts, rank, keys, raw = None, None, [0], np.full(len(pts), np.nan)
+    with av.open(path) as container:
+        first = next(container.decode(container.streams.video[0]), None)
+    if first is None:
+        raise DecodeError("no frame of the video can be decoded")
+    # PyAV's rotation: counter-clockwise degrees from the display matrix (phone videos)
+    turns = round((getattr(first, "rotation", 0) or 0) / 90) % 4
+    width, height = (first.height, first.width) if turns % 2 else (first.width, first.height)
+    return len(packets), fps, raw, rank, sorted_pts, keys, width, height, turns
 
 
 def _one_line(error: BaseException) -> str:
