@@ -26,6 +26,10 @@ def tiny_vggt(embed_dim: int = 32, depth: int = 2, num_heads: int = 2, seed: int
                              intermediate_layer_idx=[0, 0, depth - 1, depth - 1])
     net.point_head = None
     net.track_head = None
+    with torch.no_grad():
+        # At random init the camera head's field-of-view outputs sit near 0 (relu), i.e. an
+        # infinite focal length and no usable points: push them positive (fx ~ 200 px at 518).
+        net.camera_head.pose_branch.fc2.bias[7:] += 0.6
     return net.eval()
 
 
