@@ -26,7 +26,8 @@ VIDEOS_FILE = "videos.jsonl"  # one line per finished / failed video: the datatr
 LOCK_FILE = ".lock"
 # Parameters that change what a sample means: a rerun must use the same ones.
 DATASET_PARAMETERS = ("kernel", "stride", "dilation", "window_seconds", "backend", "model",
-                      "world_frame", "max_points", "conf_percentile", "min_conf", "resize_mode")
+                      "world_frame", "max_points", "conf_percentile", "min_conf", "resize_mode",
+                      "shard_format", "depth_format")
 QUEUED_PER_WORKER = 2  # one video in work, one decoding ahead
 
 
@@ -34,17 +35,29 @@ class UsageError(Exception):
     """A bad argument or root: one line, exit 2, before any work starts."""
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument gives the one line that names it (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 # ----------------------------------------------------------------------------- arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = _OneLineParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io = p.add_argument_group("input and output")
     io.add_argument("--root", required=True, help="output folder; reruns on it append")
     io.add_argument("--videos", nargs="+", required=True,
                     help="video files, folders (searched recursively), globs, or .txt lists (one path a line)")
     io.add_argument("--files-per-dir", type=int, default=500, help="samples per shard folder")
+    io.add_argument("--shard-format", default="dir", choices=("dir", "tar"),
+                    help="dir: a folder of files per shard; tar: one OUT/<rank>/<shard>.tar per shard "
+                         "(webdataset member names), committed when full or when a video ends")
+    io.add_argument("--depth-format", default="jpg", choices=("jpg", "png16"),
+                    help="jpg: 8-bit NNNN.depth.jpg; png16: lossless 16-bit NNNN.depth.png (same inverse-depth code)")
     w = p.add_argument_group("windows (a 1-D convolution over frame indices)")
     w.add_argument("--kernel", type=int, default=5, help="frames per window, odd; the middle one is the focal frame")
     w.add_argument("--stride", type=int, default=1, help="frames between consecutive focal frames")
@@ -134,9 +147,20 @@ def list_videos(sources: list[str]) -> list[str]:
         else:
             raise UsageError(f"argument --videos: no such file or folder: {source}")
     unique: dict[str, str] = {}
-    for path in sorted(found):
+    for path in sorted(found, key=lambda p: (os.path.normpath(p) != p, len(p), p)):  # the plainest spelling wins
         unique.setdefault(os.path.realpath(path), path)
     return sorted(unique.values())
+
+
+def known_names(videos: list[str], *recorded) -> list[str]:
+    """Each video under the name the root already knows the same file by (`recorded`: names in
+    its videos.jsonl / index), else as given: a rerun that spells a path differently (relative,
+    '..', a symlink) must still skip or resume it, never write it again under a second name."""
+    known: dict[str, str] = {}
+    for names in recorded:
+        for name in names:
+            known.setdefault(os.path.realpath(name), name)
+    return [known.get(os.path.realpath(v), v) for v in videos]
 
 
 # ----------------------------------------------------------------------------- the root's state
@@ -185,11 +209,12 @@ def take_root_lock(root: str):
     return handle
 
 
-def read_video_status(root: str) -> dict[str, dict]:
-    """video -> its latest record in videos.jsonl."""
+def read_video_status(root: str, repair: bool = True) -> dict[str, dict]:
+    """video -> its latest record in videos.jsonl (`repair`: cut a last line left half-written by a
+    kill; only while holding the root's lock)."""
     from sharded_writer import read_index
 
-    return {r["video"]: r for r in read_index(os.path.join(root, VIDEOS_FILE), repair=True)}
+    return {r["video"]: r for r in read_index(os.path.join(root, VIDEOS_FILE), repair=repair)}
 
 
 def read_resume_points(root: str, ranks: list[int] | None = None) -> dict[str, int]:
@@ -203,6 +228,25 @@ def read_resume_points(root: str, ranks: list[int] | None = None) -> dict[str, i
         for r in read_index(path):
             last[r["video"]] = max(last.get(r["video"], -1), r["frame_index"])
     return last
+
+
+def wait_for_rank_locks(root: str, skip: set[int], timeout: float = 120) -> None:
+    """Wait until no process holds the lock of a rank folder this run has no worker for (a
+    killed run with more workers may still have one writing there)."""
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name, LOCK_FILE)
+        if not name.isdigit() or int(name) in skip or not os.path.exists(path):
+            continue
+        with open(path, "a") as handle:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break  # closing the handle releases it
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"{os.path.join(root, name)} stays locked by another process")
+                    time.sleep(0.2)
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -227,6 +271,8 @@ class WorkerConfig:
     min_conf: float
     max_points: int
     cpus: int
+    shard_format: str = "dir"
+    depth_format: str = "jpg"
 
 
 class Worker:
@@ -261,7 +307,8 @@ class Worker:
         stage = GeometryStage(model, device, GeometryConfig(
             world_frame=config.world_frame, conf_percentile=config.conf_percentile,
             min_conf=config.min_conf, max_points=config.max_points))
-        writer = ShardedWriter(config.root, rank, config.files_per_dir)
+        writer = ShardedWriter(config.root, rank, config.files_per_dir,
+                               shard_format=config.shard_format, depth_format=config.depth_format)
         settings = WindowSettings(config.kernel, config.stride, config.dilation or 1,
                                   config.window_seconds, config.resize_mode)
         self.pipeline = Pipeline(stage, writer, settings, batch_size=config.batch_size)
@@ -270,13 +317,24 @@ class Worker:
     def ready(self) -> dict:
         import socket
 
-        return {"rank": self.rank, "device": self.device, "node": socket.gethostname(), "pid": os.getpid()}
+        import ray
 
-    def submit(self, task) -> None:
+        ip, node_id = ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
+        return {"rank": self.rank, "device": self.device, "pid": os.getpid(), "node_ip": ip, "node_id": node_id,
+                "node": f"{socket.gethostname()} ({ip}, node {node_id[:8]})"}
+
+    def submit(self, task, pid: int | None = None) -> bool:
+        """Queue a video; refused (False) when meant for an earlier process of this rank: Ray hands
+        calls made while an actor restarts to the new process, but the driver requeued that video."""
+        if pid is not None and pid != os.getpid():
+            return False
         self.pipeline.submit(task)
+        return True
 
-    def poll(self, timeout: float = 0.5) -> list:
-        return self.pipeline.poll(timeout)
+    def poll(self, timeout: float = 0.5) -> tuple[int, list]:
+        """(this process's pid, events): a pid the driver does not know means Ray restarted the
+        actor unseen (a call made while it restarted reaches the new process), and its videos are lost."""
+        return os.getpid(), self.pipeline.poll(timeout)
 
     def finish(self) -> dict:
         self.pipeline.close()
@@ -290,7 +348,10 @@ def start_ray(address: str | None):
     import ray
 
     if address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        except ConnectionError as e:
+            raise UsageError(f"argument --address: cannot join the Ray cluster at {address}: {_last_line(e)}") from e
     else:
         # A private cluster on loopback only: nothing on the network can reach a batch job's Ray.
         ray.init(address="local", _node_ip_address="127.0.0.2", include_dashboard=False,
@@ -315,15 +376,28 @@ def decide_workers(ray, args) -> tuple[int, int]:
     return count, 1 if use_gpu else 0
 
 
-def replace_worker(ray, actors: dict, rank: int, error: BaseException) -> bool:
-    """Make sure the rank's actor is a fresh process (Ray restarts dead ones); False if it cannot start."""
-    if "ActorDied" not in type(error).__name__ and "RayActorError" not in type(error).__name__:
-        ray.kill(actors[rank], no_restart=False)  # alive but broken: restart it
-    try:
-        ray.get(actors[rank].ready.remote(), timeout=600)
-        return True
-    except Exception:
-        return False
+def replace_worker(ray, actors: dict, rank: int, error: BaseException, old_pid: int) -> int | None:
+    """Make sure the rank's actor is a fresh process (Ray restarts a dead one itself, max_restarts=-1);
+    its pid, or None if none starts."""
+    if not isinstance(error, ray.exceptions.RayActorError):
+        ray.kill(actors[rank], no_restart=False)  # alive but its pipeline broke: restart it
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            pid = ray.get(actors[rank].ready.remote(), timeout=max(1.0, deadline - time.monotonic()))["pid"]
+        except ray.exceptions.RayActorError as e:  # still restarting ("temporarily unavailable")
+            if "creation task" in str(e):  # the new process cannot start (its __init__ raised)
+                return None
+            time.sleep(0.5)
+            continue
+        except Exception:
+            return None
+        if pid != old_pid:
+            return pid
+        # The old process, only unreachable for a while: it may still be writing videos that are
+        # about to be handed out again, so it must go.
+        ray.kill(actors[rank], no_restart=False)
+    return None
 
 
 def dry_run(videos: list[str], args, status: dict[str, dict]) -> int:
@@ -381,18 +455,20 @@ def run(args: argparse.Namespace) -> int:
     videos = list_videos(args.videos)
     if not videos:
         raise UsageError("argument --videos: no video files found")
+    if os.path.exists(args.root) and not os.path.isdir(args.root):
+        raise UsageError(f"argument --root: {args.root} exists and is not a folder")
+    if args.dry_run:  # reads only: creates no root, takes no lock, loads no model
+        status = read_video_status(args.root, repair=False)
+        return dry_run(known_names(videos, status), args, status)
     os.makedirs(args.root, exist_ok=True)
     lock = take_root_lock(args.root)
     status = read_video_status(args.root)
-    if args.dry_run:
-        return dry_run(videos, args, status)
     check_run_parameters(args.root, run_parameters(args))
 
     from pipeline import VideoResult, VideoStart, VideoTask
 
     finished = {v for v, r in status.items() if r["status"] in ("done", "no_windows")}
-    todo = [v for v in videos if v not in finished]
-    resume = read_resume_points(args.root)
+    todo = [v for v in known_names(videos, status) if v not in finished]
     print(f"{len(videos)} videos: {len(videos) - len(todo)} already done, {len(todo)} to do", file=sys.stderr)
     if not todo:
         return 0
@@ -405,74 +481,101 @@ def run(args: argparse.Namespace) -> int:
         resize_mode=args.resize_mode, backend=args.backend, model=args.model, device=args.device,
         precision=args.precision, batch_size=args.batch_size, world_frame=args.world_frame,
         conf_percentile=args.conf_percentile, min_conf=args.min_conf, max_points=args.max_points,
-        cpus=args.cpus_per_worker)
+        cpus=args.cpus_per_worker, shard_format=args.shard_format, depth_format=args.depth_format)
     # Workers import this project's modules (and a --backend module) from the driver's paths.
     here = os.path.dirname(os.path.abspath(__file__))
-    pythonpath = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+    # Absolute: workers do not run in the driver's folder (a relative PYTHONPATH=tests found nothing).
+    pythonpath = os.pathsep.join(os.path.abspath(p) for p in [here, *os.environ.get("PYTHONPATH", "").split(os.pathsep)] if p)
     actor_class = ray.remote(Worker).options(num_gpus=gpus, num_cpus=args.cpus_per_worker,
                                              max_restarts=-1, max_task_retries=0,
                                              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     actors = {rank: actor_class.remote(rank, config) for rank in range(count)}
+    pids: dict[int, int] = {}  # rank -> pid of its live process: a submit meant for a dead one is dropped
     for rank, actor in list(actors.items()):
         try:
             info = ray.get(actor.ready.remote())
+            pids[rank] = info["pid"]
             print(f"worker {rank}: {info['device']} on {info['node']}", file=sys.stderr)
         except Exception as e:
             raise SystemExit(f"worker {rank} failed to start: {_last_line(e)}")
+    # Resume points are read only now: every rank's lock is held by this run's workers (or was
+    # released by its last writer), so a killed run's workers, which die a little after their
+    # driver, have written their last sample.
+    wait_for_rank_locks(args.root, skip=set(actors))
+    resume = read_resume_points(args.root)
+    todo = known_names(todo, status, resume)  # a killed run may have begun a video under another name
 
     started = time.time()
     pending = deque(VideoTask(v, resume.get(v, -1)) for v in todo)
-    attempts: dict[str, int] = {}
+    attempts: dict[str, int] = {}  # video -> deaths of a worker while it ran alone on the video
+    alone: set[str] = set()  # videos in flight at a worker's death: they run alone from now on
+    samples_written = 0
     inflight: dict[int, list[VideoTask]] = {rank: [] for rank in actors}
     results: list[VideoResult] = []
     opened: set[str] = set()
     progress = Progress(len(todo), enabled=not args.no_progress)
     videos_log = open(os.path.join(args.root, VIDEOS_FILE), "a", encoding="utf-8")
 
-    def record(result: VideoResult, rank: int) -> None:
+    def record(result: VideoResult, rank: int, tries: int | None = None) -> None:
         results.append(result)
-        line = {**asdict(result), "rank": rank, "attempts": attempts.get(result.video, 0) + 1,
+        line = {**asdict(result), "rank": rank, "attempts": tries or attempts.get(result.video, 0) + 1,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         videos_log.write(json.dumps(line) + "\n")
         videos_log.flush()
 
+    def worker_lost(rank: int, error: BaseException | str) -> None:
+        """The rank's process died (or broke): get a fresh one and hand its videos out again."""
+        pid = replace_worker(ray, actors, rank, error, pids[rank]) if isinstance(error, BaseException) else pids[rank]
+        reason = _last_line(error) if isinstance(error, BaseException) else error
+        if pid is None:
+            del actors[rank]
+            print(f"worker {rank} cannot be replaced: {reason}", file=sys.stderr)
+        else:
+            pids[rank] = pid
+        # The replaced worker holds the rank's lock, so the dead one wrote its last sample:
+        # its index says where each of its videos stopped.
+        written = read_resume_points(args.root, ranks=[rank])
+        lost = inflight.pop(rank)
+        if rank in actors:
+            inflight[rank] = []
+        for task in reversed(lost):  # back at the head of the queue, in their order
+            alone.add(task.video)
+            if len(lost) == 1:  # it ran alone: the death is its own (else the next one, alone, says)
+                attempts[task.video] = attempts.get(task.video, 0) + 1
+            if attempts.get(task.video, 0) >= args.max_attempts:
+                record(VideoResult(task.video, "failed", f"worker died {attempts[task.video]} times "
+                                   f"while on this video: {reason}"), rank, attempts[task.video])
+            else:
+                pending.appendleft(VideoTask(task.video, max(task.after_focal, written.get(task.video, -1))))
+        if not actors:
+            for task in pending:
+                record(VideoResult(task.video, "failed", "no worker left"), rank)
+            pending.clear()
+        progress.update(0, sum(r.status == "failed" for r in results))
+
     try:
         while pending or any(inflight.values()):
-            for rank, actor in actors.items():
-                # A video that was in flight when its worker died goes alone, so a second death names it.
-                while pending and len(inflight[rank]) < QUEUED_PER_WORKER:
-                    if attempts.get(pending[0].video) and inflight[rank]:
-                        break
+            # Every worker's first slot before any second one, so every rank gets work at once.
+            for depth in range(1, QUEUED_PER_WORKER + 1):
+                for rank, actor in actors.items():
+                    if not pending or len(inflight[rank]) >= depth:
+                        continue
+                    # A video in flight when its worker died runs alone, so a death names its video.
+                    if inflight[rank] and (pending[0].video in alone or inflight[rank][0].video in alone):
+                        continue
                     task = pending.popleft()
                     inflight[rank].append(task)
-                    actor.submit.remote(task)
-                    if attempts.get(task.video):
-                        break
+                    actor.submit.remote(task, pids[rank])
             polls = {actor.poll.remote(0.5): rank for rank, actor in actors.items() if inflight[rank]}
             for ref, rank in polls.items():
                 try:
-                    events = ray.get(ref)
+                    pid, events = ray.get(ref)
                 except Exception as e:  # the worker process died (or its pipeline broke)
-                    if not replace_worker(ray, actors, rank, e):
-                        del actors[rank]
-                        print(f"worker {rank} cannot be replaced: {_last_line(e)}", file=sys.stderr)
-                    # The replaced worker holds the rank's lock, so the dead one wrote its last sample:
-                    # its index says where each of its videos stopped.
-                    written = read_resume_points(args.root, ranks=[rank])
-                    for task in inflight.pop(rank) if rank not in actors else inflight[rank]:
-                        attempts[task.video] = attempts.get(task.video, 0) + 1
-                        if attempts[task.video] >= args.max_attempts:
-                            record(VideoResult(task.video, "failed",
-                                               f"worker died {attempts[task.video]} times: {_last_line(e)}"), rank)
-                        else:
-                            pending.appendleft(VideoTask(task.video, max(task.after_focal, written.get(task.video, -1))))
-                    if rank in actors:
-                        inflight[rank] = []
-                    if not actors:
-                        for task in pending:
-                            record(VideoResult(task.video, "failed", "no worker left"), rank)
-                        pending.clear()
-                    progress.update(0, sum(r.status == "failed" for r in results))
+                    worker_lost(rank, e)
+                    continue
+                if pid != pids[rank]:
+                    pids[rank] = pid
+                    worker_lost(rank, "worker process died (Ray restarted it)")
                     continue
                 windows = 0
                 for event in events:
@@ -482,27 +585,30 @@ def run(args: argparse.Namespace) -> int:
                     elif isinstance(event, VideoResult):
                         inflight[rank] = [t for t in inflight[rank] if t.video != event.video]
                         record(event, rank)
-                    else:
+                    elif not isinstance(event, VideoStart):
                         windows += 1
+                samples_written += windows
                 progress.update(windows, sum(r.status == "failed" for r in results))
         stats = [ray.get(actor.finish.remote()) for actor in actors.values()]
     finally:
         progress.close()
         videos_log.close()
     elapsed = time.time() - started
-    print_summary(results, stats, elapsed, args.root)
+    print_summary(results, stats, elapsed, args.root, samples_written)
     lock.close()
     return 1 if any(r.status == "failed" for r in results) else 0
 
 
-def print_summary(results, stats: list[dict], elapsed: float, root: str) -> None:
+def print_summary(results, stats: list[dict], elapsed: float, root: str, samples: int) -> None:
+    """`samples`: written by this run, also by workers that died later (VideoResult.samples counts
+    only the last attempt)."""
     by_status = {s: [r for r in results if r.status == s] for s in ("done", "no_windows", "failed")}
-    samples = sum(r.samples for r in results)
     points = sum(s.get("points_written", 0) for s in stats)
+    counted = sum(s.get("samples_written", 0) for s in stats)  # by the workers still alive at the end
     print(f"videos: {len(by_status['done'])} done, {len(by_status['no_windows'])} too short for one window, "
           f"{len(by_status['failed'])} failed", file=sys.stderr)
     print(f"samples: {samples} written in {elapsed:.1f} s ({samples / max(elapsed, 1e-9):.2f} windows/s), "
-          f"{points / max(samples, 1):.0f} points per sample", file=sys.stderr)
+          f"{points / max(counted, 1):.0f} points per sample", file=sys.stderr)
     for r in by_status["failed"]:
         print(f"failed: {r.video}: {r.reason}", file=sys.stderr)
     if by_status["failed"]:

@@ -26,6 +26,11 @@ Options of make(), each also readable from the environment (the tool may pass no
     video_size  (w, h) of the upright video        ORACLE_VIDEO_SIZE=518x294
     scale       multiplies depth and translations  ORACLE_SCALE=2.5   (VGGT is up to scale)
     log_path    append one JSON line per call with the frame indices seen   ORACLE_LOG=path
+    delay       sleep this many seconds in every call (a slow model)       ORACLE_DELAY=0.2
+    exit_frames os._exit(1) in a call that sees one of these frame indices (barcode values), as a
+                crashing worker process would: "40,75" every time; "40:1" only the first time
+                (counted with files in exit_dir, shared by all processes)   ORACLE_EXIT_FRAMES=40:1,75
+    exit_dir    folder for those counts                                     ORACLE_EXIT_DIR=path
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -260,7 +266,11 @@ def _confidence(H: int, W: int) -> np.ndarray:
 class OracleModel:
     """Callable model: frames [B, S, 3, H, W] in [0, 1] -> dict of exact predictions."""
 
-    def __init__(self, device: str | torch.device, video_size: tuple[int, int] | None, scale: float, log_path: str | None):
+    def __init__(self, device: str | torch.device, video_size: tuple[int, int] | None, scale: float, log_path: str | None,
+                 delay: float = 0.0, exit_frames: dict[int, int | None] | None = None, exit_dir: str | None = None):
+        self.delay = float(delay)
+        self.exit_frames = exit_frames or {}  # frame index -> times to exit (None: always)
+        self.exit_dir = exit_dir
         self.device = torch.device(device)
         self.video_size = video_size
         self.scale = float(scale)
@@ -300,12 +310,43 @@ class OracleModel:
                 intrinsic[b, s] = K
         conf = np.broadcast_to(_confidence(H, W), (B, S, H, W))
 
+        self._maybe_exit(indices)
+        if self.delay:
+            time.sleep(self.delay)
         self.calls.append(indices)
         if self.log_path:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps({"pid": os.getpid(), "shape": [B, S, H, W], "frame_indices": indices}) + "\n")
         out = {"depth": depth, "depth_conf": conf, "extrinsic": extrinsic, "intrinsic": intrinsic}
         return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(frames.device) for k, v in out.items()}
+
+    def _maybe_exit(self, indices: list[list[int]]) -> None:
+        for frame in sorted({i for window in indices for i in window} & set(self.exit_frames)):
+            limit = self.exit_frames[frame]
+            if limit is not None:
+                if not self.exit_dir:
+                    raise ValueError("exit_frames with a count needs exit_dir (ORACLE_EXIT_DIR)")
+                os.makedirs(self.exit_dir, exist_ok=True)
+                done = sum(name.startswith(f"{frame}.") for name in os.listdir(self.exit_dir))
+                if done >= limit:
+                    continue
+                Path(self.exit_dir, f"{frame}.{os.getpid()}.{time.time_ns()}").touch()
+            if self.log_path:
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps({"pid": os.getpid(), "exit_at_frame": frame}) + "\n")
+            os._exit(1)
+
+
+def _parse_exit_frames(spec) -> dict[int, int | None]:
+    if not spec:
+        return {}
+    if isinstance(spec, dict):
+        return {int(k): v for k, v in spec.items()}
+    out = {}
+    for item in str(spec).split(","):
+        frame, _, limit = item.strip().partition(":")
+        out[int(frame)] = int(limit) if limit else None
+    return out
 
 
 def _to4x4(E: np.ndarray) -> np.ndarray:
@@ -317,6 +358,9 @@ def make(
     video_size: Sequence[int] | str | None = None,
     scale: float | None = None,
     log_path: str | None = None,
+    delay: float | None = None,
+    exit_frames=None,
+    exit_dir: str | None = None,
     **options,
 ) -> OracleModel:
     """Factory for the tool's `--backend tests.oracle_backend:make`.
@@ -327,4 +371,7 @@ def make(
         video_size = tuple(int(v) for v in video_size.lower().split("x"))
     scale = scale if scale is not None else float(os.environ.get("ORACLE_SCALE", 1.0))
     log_path = log_path or os.environ.get("ORACLE_LOG")
-    return OracleModel(device, tuple(video_size) if video_size else None, scale, log_path)
+    delay = delay if delay is not None else float(os.environ.get("ORACLE_DELAY", 0.0))
+    exit_frames = _parse_exit_frames(exit_frames if exit_frames is not None else os.environ.get("ORACLE_EXIT_FRAMES"))
+    exit_dir = exit_dir or os.environ.get("ORACLE_EXIT_DIR")
+    return OracleModel(device, tuple(video_size) if video_size else None, scale, log_path, delay, exit_frames, exit_dir)
