@@ -100,6 +100,8 @@ class Pipeline:
         self.stage, self.writer, self.settings = stage, writer, settings
         self.batch_size = batch_size
         self.stats = stats or Stats()
+        if hasattr(stage, "stats"):  # GeometryStage splits its time into forward / post-processing
+            stage.stats = self.stats
         self._tasks: queue.Queue = queue.Queue()
         self._windows: queue.Queue = queue.Queue(maxsize=prefetch_windows)
         self._samples: queue.Queue = queue.Queue(maxsize=max(2, 2 * batch_size))
@@ -140,6 +142,25 @@ class Pipeline:
         if self._fatal is not None:
             raise RuntimeError(f"pipeline stopped: {self._fatal!r}") from self._fatal
 
+    def _put(self, q: queue.Queue, item, blocked: str) -> None:
+        """q.put(item), counting the seconds spent waiting for room (the next stage is slower)."""
+        try:
+            q.put_nowait(item)
+        except queue.Full:
+            started = time.perf_counter()
+            q.put(item)
+            self.stats.stat_update(blocked, time.perf_counter() - started)
+
+    def _get(self, q: queue.Queue, starved: str):
+        """q.get(), counting the seconds spent waiting for an item (the previous stage is slower)."""
+        try:
+            return q.get_nowait()
+        except queue.Empty:
+            started = time.perf_counter()
+            item = q.get()
+            self.stats.stat_update(starved, time.perf_counter() - started)
+            return item
+
     def _guard(self, loop) -> None:
         try:
             loop()
@@ -157,8 +178,10 @@ class Pipeline:
     def _decode_video(self, task: VideoTask) -> None:
         s = self.settings
         result = VideoResult(task.video, "done")
+        started = time.perf_counter()
         try:
             source = FrameSource(task.video, s.resize_mode)
+            self.stats.stat_update("decode_seconds", time.perf_counter() - started)  # opening counts too
             info = source.info
             dilation = s.dilation_for(info.fps)
             result.num_frames, result.fps, result.dilation = info.num_frames, info.fps, dilation
@@ -172,7 +195,7 @@ class Pipeline:
             for window in source.windows(s.kernel, s.stride, dilation, after):
                 self.stats.stat_update("decode_seconds", time.perf_counter() - started)
                 self.stats.stat_update("windows_decoded")
-                self._windows.put(window)
+                self._put(self._windows, window, "decode_blocked_seconds")
                 started = time.perf_counter()
             self.stats.stat_update("frames_decoded", source.frames_decoded)
             source.close()
@@ -186,7 +209,7 @@ class Pipeline:
         batch: list[WindowFrames] = []
         failed: dict[str, str] = {}
         while True:
-            item = self._windows.get()
+            item = self._get(self._windows, "model_starved_seconds")
             if isinstance(item, WindowFrames):
                 if item.video in failed:
                     continue
@@ -218,7 +241,7 @@ class Pipeline:
         self.stats.stat_update("model_seconds", time.perf_counter() - started)
         self.stats.stat_update("batches")
         for sample in samples:
-            self._samples.put(sample)
+            self._put(self._samples, sample, "model_blocked_seconds")
 
     def _forward(self, batch: list[WindowFrames]) -> list[Sample]:
         try:
@@ -237,7 +260,7 @@ class Pipeline:
     def _write_loop(self) -> None:
         failed: dict[str, str] = {}
         written: dict[str, int] = {}
-        while (item := self._samples.get()) is not _STOP:
+        while (item := self._get(self._samples, "write_starved_seconds")) is not _STOP:
             if isinstance(item, Sample):
                 if item.video in failed:
                     continue
@@ -255,6 +278,10 @@ class Pipeline:
             elif isinstance(item, VideoStart):
                 self._events.put(item)
             elif isinstance(item, VideoResult):
+                try:
+                    self.writer.flush()  # tar shards: commit the open shard before the video is reported
+                except OSError as e:
+                    failed.setdefault(item.video, f"write failed: {e}")
                 if item.video in failed:
                     item.status, item.reason = "failed", failed.pop(item.video)
                 item.samples = written.pop(item.video, 0)

@@ -1,0 +1,208 @@
+"""pipeline.Pipeline: the three stages overlap, every queue is bounded, order and failures hold.
+
+The stages are real threads around a real FrameSource; the model and the writer are fakes that
+block on events, so overlap and bounds are shown by counting, never by timing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from pipeline import Pipeline, Stats, VideoResult, VideoStart, VideoTask, WindowSettings
+from streaming_vggt import GeometryConfig, GeometryStage, Sample
+from videos import write_mp4
+from window import needed_frames, num_windows
+
+TIMEOUT = 60  # seconds: generous, for a loaded machine; nothing waits this long when it works
+
+
+def fake_sample(window) -> Sample:
+    return Sample(
+        video=window.video, frame_index=window.window.focal_frame, timestamp=0.0, fps=window.fps,
+        dilation=window.dilation, window_frame_indices=list(window.window.frame_indices),
+        window_timestamps=list(window.timestamps), world_frame="first", rgb=torch.zeros(2, 2, 3, dtype=torch.uint8),
+        depth=torch.ones(2, 2), extrinsic=torch.zeros(3, 4), intrinsic=torch.eye(3),
+        window_extrinsics=torch.zeros(1, 3, 4), window_intrinsics=torch.eye(3)[None], points=torch.zeros(5, 6))
+
+
+class FakeStage:
+    """Returns one sample per window; optionally blocks each call until `gate` is set, or fails."""
+
+    def __init__(self, gate: threading.Event | None = None, fail_video: str | None = None, oom_above: int = 0):
+        self.gate, self.fail_video, self.oom_above = gate, fail_video, oom_above
+        self.calls: list[int] = []  # batch sizes
+        self.entered = threading.Event()
+
+    def __call__(self, batch):
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(TIMEOUT)
+        if self.oom_above and len(batch) > self.oom_above:
+            raise torch.cuda.OutOfMemoryError("fake: out of memory")
+        if any(w.video == self.fail_video for w in batch):
+            raise RuntimeError("fake model failure")
+        self.calls.append(len(batch))
+        return [fake_sample(w) for w in batch]
+
+
+class FakeWriter:
+    def __init__(self, gate: threading.Event | None = None):
+        self.gate = gate
+        self.last_focal: dict[str, int] = {}
+        self.written: list[tuple[str, int]] = []
+        self.events: list = []  # what was written, interleaved with flushes
+        self.entered = threading.Event()
+
+    def write(self, sample):
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(TIMEOUT)
+        self.written.append((sample.video, sample.frame_index))
+        self.events.append(("sample", sample.video))
+
+    def flush(self):
+        self.events.append(("flush",))
+
+    def close(self):
+        self.events.append(("close",))
+
+
+def run_all(pipeline: Pipeline, videos: list[str]) -> list:
+    for v in videos:
+        pipeline.submit(VideoTask(v))
+    events, results = [], 0
+    deadline = time.monotonic() + TIMEOUT
+    while results < len(videos):
+        assert time.monotonic() < deadline, "pipeline did not finish"
+        for e in pipeline.poll(0.2):
+            events.append(e)
+            results += isinstance(e, VideoResult)
+    pipeline.close()
+    return events
+
+
+def wait_until(predicate, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def settle(read, seconds: float = 0.5):
+    """The value of read() once it has stopped changing for `seconds`."""
+    value, since = read(), time.monotonic()
+    while time.monotonic() - since < seconds:
+        time.sleep(0.02)
+        if (now := read()) != value:
+            value, since = now, time.monotonic()
+    return value
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> str:
+    return str(write_mp4(tmp_path_factory.mktemp("pipeline") / "clip.mp4", num_frames=40, width=64, height=48))
+
+
+def test_decode_runs_ahead_of_a_busy_model_but_only_so_far(clip, one_torch_thread):
+    """While the model is stuck on its first batch, the decode thread keeps going (overlap) and
+    stops when the bounded window queue is full (flat memory)."""
+    gate = threading.Event()
+    stage, writer, stats = FakeStage(gate), FakeWriter(), Stats()
+    pipeline = Pipeline(stage, writer, WindowSettings(kernel=3, stride=1), batch_size=2, prefetch_windows=4,
+                        stats=stats)
+    pipeline.submit(VideoTask(clip))
+    assert stage.entered.wait(TIMEOUT)
+    decoded = settle(lambda: stats.snapshot().get("windows_decoded", 0))
+    # 2 in the model's batch + 4 in the queue + 1 decoded and waiting to be queued
+    assert decoded == 2 + 4 + 1
+    gate.set()
+    pipeline.close()  # finishes what was submitted
+    total = num_windows(40, 3, 1, 1)
+    assert [f for _, f in writer.written] == [w + 1 for w in range(total)]  # every window once, in order
+    assert stats.snapshot()["frames_decoded"] == len(needed_frames(40, 3, 1, 1))
+
+
+def test_model_runs_ahead_of_a_busy_writer_but_only_so_far(clip, one_torch_thread):
+    gate = threading.Event()
+    stage, writer, stats = FakeStage(), FakeWriter(gate), Stats()
+    pipeline = Pipeline(stage, writer, WindowSettings(kernel=3, stride=1), batch_size=2, prefetch_windows=4,
+                        stats=stats)
+    pipeline.submit(VideoTask(clip))
+    assert writer.entered.wait(TIMEOUT)
+    made = settle(lambda: sum(stage.calls))
+    # 1 in the writer's hands + 2*B in the sample queue + a batch waiting to be queued (B, minus one
+    # of its samples already queued)
+    assert 2 * 2 + 1 <= made <= 1 + 2 * 2 + 2
+    assert stats.snapshot()["windows_decoded"] <= made + 4 + 1 + 2  # decode is held back in turn
+    gate.set()
+    while len(writer.written) < num_windows(40, 3, 1, 1):
+        pipeline.poll(0.2)
+    pipeline.close()
+
+
+def test_markers_keep_order_and_results_come_after_their_samples(clip, tmp_path, one_torch_thread):
+    other = str(write_mp4(tmp_path / "other.mp4", num_frames=20, width=64, height=48))
+    short = str(write_mp4(tmp_path / "short.mp4", num_frames=3, width=64, height=48))
+    writer = FakeWriter()
+    events = run_all(Pipeline(FakeStage(), writer, WindowSettings(kernel=5, stride=3, dilation=2), batch_size=3),
+                     [clip, short, other])
+    results = {e.video: e for e in events if isinstance(e, VideoResult)}
+    assert results[clip].status == "done" and results[clip].samples == num_windows(40, 5, 3, 2)
+    assert results[other].status == "done" and results[other].samples == num_windows(20, 5, 3, 2)
+    assert results[short].status == "no_windows" and results[short].samples == 0
+    starts = [e.video for e in events if isinstance(e, VideoStart)]
+    assert starts == [clip, short, other]
+    # the writer flushed at each video's end, after that video's samples and before the next one's
+    flushes = [i for i, e in enumerate(writer.events) if e == ("flush",)]
+    assert len(flushes) == 3
+    videos_between = [writer.events[i][1] for i in range(flushes[0])]
+    assert set(videos_between) == {clip}
+
+
+def test_model_failure_fails_only_its_video(clip, tmp_path, one_torch_thread):
+    bad = str(write_mp4(tmp_path / "bad.mp4", num_frames=20, width=64, height=48))
+    writer = FakeWriter()
+    events = run_all(Pipeline(FakeStage(fail_video=bad), writer, WindowSettings(kernel=3, stride=2), batch_size=2),
+                     [bad, clip])
+    results = {e.video: e for e in events if isinstance(e, VideoResult)}
+    assert results[bad].status == "failed" and "fake model failure" in results[bad].reason
+    assert results[clip].status == "done" and results[clip].samples == num_windows(40, 3, 2, 1)
+    assert {v for v, _ in writer.written} == {clip}
+
+
+def test_out_of_memory_halves_the_batch(clip, one_torch_thread):
+    stage, stats = FakeStage(oom_above=2), Stats()
+    pipeline = Pipeline(stage, FakeWriter(), WindowSettings(kernel=3, stride=1), batch_size=8, stats=stats)
+    events = run_all(pipeline, [clip])
+    result = next(e for e in events if isinstance(e, VideoResult))
+    assert result.status == "done" and result.samples == num_windows(40, 3, 1, 1)
+    assert max(stage.calls) <= 2 and pipeline.batch_size <= 2
+    assert stats.snapshot()["oom_batch_halvings"] >= 1
+
+
+class ConstantModel:
+    def __call__(self, frames):
+        B, S, _, H, W = frames.shape
+        intrinsic = torch.tensor([[W, 0, W / 2], [0, W, H / 2], [0, 0, 1]], dtype=torch.float32)
+        extrinsic = torch.cat([torch.eye(3), torch.zeros(3, 1)], dim=1)
+        return {"depth": torch.ones(B, S, H, W), "depth_conf": torch.rand(B, S, H, W) + 1,
+                "extrinsic": extrinsic.expand(B, S, 3, 4), "intrinsic": intrinsic.expand(B, S, 3, 3)}
+
+
+def test_stage_seconds_land_in_the_pipeline_counters(clip, one_torch_thread):
+    """The counters the worker logs and benchmark.py reads: one Stats for all three threads."""
+    stats = Stats()
+    stage = GeometryStage(ConstantModel(), "cpu", GeometryConfig(max_points=100))
+    pipeline = Pipeline(stage, FakeWriter(), WindowSettings(kernel=3, stride=2), batch_size=4, stats=stats)
+    run_all(pipeline, [clip])
+    counts = stats.snapshot()
+    windows = num_windows(40, 3, 2, 1)
+    assert counts["windows_decoded"] == counts["samples_written"] == windows
+    assert counts["points_written"] == 100 * windows  # capped by max_points
+    for key in ("decode_seconds", "model_seconds", "forward_seconds", "postprocess_seconds", "write_seconds"):
+        assert counts[key] > 0, key
+    assert counts["forward_seconds"] + counts["postprocess_seconds"] <= counts["model_seconds"] * 1.01 + 1e-3
