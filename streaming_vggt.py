@@ -197,44 +197,23 @@ def rebase_extrinsics(extrinsic: torch.Tensor, anchor: int) -> torch.Tensor:
     return (full @ torch.linalg.inv(full[:, anchor : anchor + 1]))[..., :3, :].float()
 
 
-def unproject(depth: torch.Tensor, extrinsic: torch.Tensor, intrinsic: torch.Tensor) -> torch.Tensor:
-    """depth [B,S,H,W], world-to-camera [B,S,3,4], intrinsic [B,S,3,3] -> world points [B,S,H,W,3].
-
-    Pixel (u, v) with centre at integer coordinates: X_cam = depth * K^-1 [u, v, 1];
-    X_world = R^T (X_cam - t).
-    """
-    B, S, H, W = depth.shape
-    v, u = torch.meshgrid(
-        torch.arange(H, device=depth.device, dtype=torch.float32),
-        torch.arange(W, device=depth.device, dtype=torch.float32),
-        indexing="ij",
-    )
-    fx, fy = intrinsic[..., 0, 0, None, None], intrinsic[..., 1, 1, None, None]
-    cx, cy = intrinsic[..., 0, 2, None, None], intrinsic[..., 1, 2, None, None]
-    cam = torch.stack([(u - cx) / fx * depth, (v - cy) / fy * depth, depth], dim=-1)  # [B,S,H,W,3]
-    R, t = extrinsic[..., :3], extrinsic[..., 3]
-    return torch.einsum("bsji,bshwj->bshwi", R, cam - t[:, :, None, None, :])
-
-
 def unproject_points(depth: torch.Tensor, u: torch.Tensor, v: torch.Tensor, extrinsic: torch.Tensor,
                      intrinsic: torch.Tensor) -> torch.Tensor:
-    """`unproject` for chosen pixels only: depth [N] at pixels (u [N], v [N]) of frames whose
-    world-to-camera [N,3,4] and intrinsic [N,3,3] are given per point -> world points [N,3]."""
+    """depth [N] at pixels (u [N], v [N]) of frames whose world-to-camera [N,3,4] and intrinsic
+    [N,3,3] are given per point -> world points [N,3].
+
+    Pixel centres at integer coordinates: X_cam = depth * K^-1 [u, v, 1]; X_world = R^T (X_cam - t).
+    """
     fx, fy, cx, cy = intrinsic[:, 0, 0], intrinsic[:, 1, 1], intrinsic[:, 0, 2], intrinsic[:, 1, 2]
     cam = torch.stack([(u - cx) / fx * depth, (v - cy) / fy * depth, depth], dim=-1)
     R, t = extrinsic[..., :3], extrinsic[..., 3]
     return torch.einsum("nji,nj->ni", R, cam - t)
 
 
-def sample_priority(count: int, seed: int, device: torch.device) -> torch.Tensor:
-    """A fixed pseudo-random int64 key per point index (a 32-bit integer hash): the same on every
-    device and every run, so capping by the smallest keys is deterministic and needs no RNG state."""
-    return priority_of(torch.arange(count, device=device, dtype=torch.int64), seed)
-
-
 def priority_of(index: torch.Tensor, seed: int) -> torch.Tensor:
-    """sample_priority(count, seed)[index], computed for those indices only. Distinct indices
-    (< 2^32) get distinct keys: every step is a bijection of 32-bit integers."""
+    """A fixed pseudo-random int64 key per point index (a 32-bit integer hash of index + seed): the
+    same on every device and every run, so capping by the smallest keys is deterministic and needs
+    no RNG state. Distinct indices (< 2^32) get distinct keys: every step is a bijection."""
     x = index + (seed & 0xFFFFFFFF)
     x &= 0xFFFFFFFF  # in place from here: 3x less time than fresh tensors on the CPU
     for _ in range(2):

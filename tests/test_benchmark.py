@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import benchmark
-from streaming_vggt import unproject
+from streaming_vggt import unproject_points
 from videos import write_mp4
 
 
@@ -21,7 +21,9 @@ def test_numpy_unprojection_matches_the_stage():
     rotation = torch.linalg.qr(torch.randn(S, 3, 3, generator=g)).Q
     extrinsic = torch.cat([rotation, torch.randn(S, 3, 1, generator=g)], dim=2)
     intrinsic = torch.tensor([[20.0, 0, 13.5], [0, 21.0, 6.5], [0, 0, 1]]).expand(S, 3, 3)
-    ours = unproject(depth[None], extrinsic[None], intrinsic[None])[0].numpy()
+    frame, v, u = torch.meshgrid(torch.arange(S), torch.arange(H), torch.arange(W), indexing="ij")
+    ours = unproject_points(depth.reshape(-1), u.reshape(-1).float(), v.reshape(-1).float(),
+                            extrinsic[frame.reshape(-1)], intrinsic[frame.reshape(-1)]).reshape(S, H, W, 3).numpy()
     naive = benchmark.unproject_numpy(depth.numpy(), extrinsic.numpy(), intrinsic.numpy())
     np.testing.assert_allclose(naive, ours, rtol=1e-5, atol=1e-5)
 
