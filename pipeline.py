@@ -201,6 +201,8 @@ class Pipeline:
             source.close()
         except (DecodeError, ValueError, OSError) as e:
             result.status, result.reason = "failed", str(e)
+        except Exception as e:  # anything else this one file provokes fails it, not the worker
+            result.status, result.reason = "failed", f"{type(e).__name__}: {str(e).strip()[:300]}"
         self._windows.put(result)
 
     # ------------------------------------------------------------------ stage 2: model

@@ -174,6 +174,25 @@ def test_model_failure_fails_only_its_video(clip, tmp_path, one_torch_thread):
     assert {v for v, _ in writer.written} == {clip}
 
 
+def test_an_unexpected_decode_error_fails_only_its_video(clip, tmp_path, monkeypatch, one_torch_thread):
+    import pipeline as pipeline_module
+
+    bad = str(write_mp4(tmp_path / "odd.mp4", num_frames=20, width=64, height=48))
+    real_source = pipeline_module.FrameSource
+
+    def source(path, *args, **kwargs):
+        if path == bad:
+            raise RuntimeError("an error no decoder path expects")
+        return real_source(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "FrameSource", source)
+    writer = FakeWriter()
+    events = run_all(Pipeline(FakeStage(), writer, WindowSettings(kernel=3, stride=2), batch_size=2), [bad, clip])
+    results = {e.video: e for e in events if isinstance(e, VideoResult)}
+    assert results[bad].status == "failed" and results[bad].reason == "RuntimeError: an error no decoder path expects"
+    assert results[clip].status == "done" and results[clip].samples == num_windows(40, 3, 2, 1)
+
+
 def test_out_of_memory_halves_the_batch(clip, one_torch_thread):
     stage, stats = FakeStage(oom_above=2), Stats()
     pipeline = Pipeline(stage, FakeWriter(), WindowSettings(kernel=3, stride=1), batch_size=8, stats=stats)
