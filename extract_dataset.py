@@ -451,6 +451,147 @@ class Progress:
         self.bar.close()
 
 
+class Dispatcher:
+    """Hands videos to workers as they free up and turns what workers report into records.
+
+    State: `pending` videos (in order), `inflight[rank]` (at most QUEUED_PER_WORKER each), the
+    live process id of every rank (`pids`), and for crash handling `attempts` (deaths of a worker
+    while it ran the video alone) and `alone` (videos that were in flight at a death: from then on
+    they run alone, so the next death names its video).
+    """
+
+    def __init__(self, ray, actors: dict, pids: dict[int, int], tasks: list, args, progress: "Progress",
+                 videos_log):
+        self.ray, self.actors, self.pids, self.args = ray, actors, pids, args
+        self.pending = deque(tasks)
+        self.inflight: dict[int, list] = {rank: [] for rank in actors}
+        self.attempts: dict[str, int] = {}
+        self.alone: set[str] = set()
+        self.opened: set[str] = set()  # videos whose start was counted in the progress total
+        self.results: list = []
+        self.samples_written = 0  # by this run, also by workers that died later
+        self.progress, self.videos_log = progress, videos_log
+
+    def busy(self) -> bool:
+        return bool(self.pending) or any(self.inflight.values())
+
+    def hand_out(self) -> None:
+        """Every worker's first slot before any second one, so every rank gets work at once."""
+        for depth in range(1, QUEUED_PER_WORKER + 1):
+            for rank, actor in self.actors.items():
+                inflight = self.inflight[rank]
+                if not self.pending or len(inflight) >= depth:
+                    continue
+                if inflight and (self.pending[0].video in self.alone or inflight[0].video in self.alone):
+                    continue
+                task = self.pending.popleft()
+                inflight.append(task)
+                actor.submit.remote(task, self.pids[rank])
+
+    def poll(self) -> None:
+        """One round: every busy worker reports what happened (waiting up to 0.5 s)."""
+        from pipeline import VideoResult, VideoStart
+
+        polls = {actor.poll.remote(0.5): rank for rank, actor in self.actors.items() if self.inflight[rank]}
+        for ref, rank in polls.items():
+            try:
+                pid, events = self.ray.get(ref)
+            except Exception as e:  # the worker process died (or its pipeline broke)
+                self.worker_lost(rank, e)
+                continue
+            if pid != self.pids[rank]:  # Ray restarted it between two calls
+                self.pids[rank] = pid
+                self.worker_lost(rank, "worker process died (Ray restarted it)")
+                continue
+            windows = 0
+            for event in events:
+                if isinstance(event, VideoStart):
+                    if event.video not in self.opened:
+                        self.opened.add(event.video)
+                        self.progress.video_opened(event.windows_todo)
+                elif isinstance(event, VideoResult):
+                    self.inflight[rank] = [t for t in self.inflight[rank] if t.video != event.video]
+                    self.record(event, rank)
+                else:  # a written sample
+                    windows += 1
+            self.samples_written += windows
+            self.progress.update(windows, self.failed())
+
+    def failed(self) -> int:
+        return sum(r.status == "failed" for r in self.results)
+
+    def record(self, result, rank: int, tries: int | None = None) -> None:
+        """The video's marker: one line in OUT/videos.jsonl."""
+        self.results.append(result)
+        line = {**asdict(result), "rank": rank, "attempts": tries or self.attempts.get(result.video, 0) + 1,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.videos_log.write(json.dumps(line) + "\n")
+        self.videos_log.flush()
+
+    def worker_lost(self, rank: int, error: BaseException | str) -> None:
+        """The rank's process died (or broke): get a fresh one and hand its videos out again."""
+        from pipeline import VideoResult, VideoTask
+
+        if isinstance(error, BaseException):
+            pid = replace_worker(self.ray, self.actors, rank, error, self.pids[rank])
+            reason = _last_line(error)
+        else:
+            pid, reason = self.pids[rank], error
+        if pid is None:
+            del self.actors[rank]
+            print(f"worker {rank} cannot be replaced: {reason}", file=sys.stderr)
+        else:
+            self.pids[rank] = pid
+        # The replaced worker holds the rank's lock, so the dead one wrote its last sample:
+        # its index says where each of its videos stopped.
+        written = read_resume_points(self.args.root, ranks=[rank])
+        lost = self.inflight.pop(rank)
+        if rank in self.actors:
+            self.inflight[rank] = []
+        for task in reversed(lost):  # back at the head of the queue, in their order
+            self.alone.add(task.video)
+            if len(lost) == 1:  # it ran alone: the death is its own (else the next one, alone, says)
+                self.attempts[task.video] = self.attempts.get(task.video, 0) + 1
+            if self.attempts.get(task.video, 0) >= self.args.max_attempts:
+                self.record(VideoResult(task.video, "failed", f"worker died {self.attempts[task.video]} times "
+                                        f"while on this video: {reason}"), rank, self.attempts[task.video])
+            else:
+                self.pending.appendleft(VideoTask(task.video, max(task.after_focal, written.get(task.video, -1))))
+        if not self.actors:
+            for task in self.pending:
+                self.record(VideoResult(task.video, "failed", "no worker left"), rank)
+            self.pending.clear()
+        self.progress.update(0, self.failed())
+
+
+def start_workers(ray, args, count: int, gpus: int) -> tuple[dict, dict[int, int]]:
+    """One actor per rank, each ready (model loaded, rank folder locked): (actors, pids)."""
+    config = WorkerConfig(
+        root=os.path.abspath(args.root), files_per_dir=args.files_per_dir, kernel=args.kernel,
+        stride=args.stride, dilation=args.dilation, window_seconds=args.window_seconds,
+        resize_mode=args.resize_mode, backend=args.backend, model=args.model, device=args.device,
+        precision=args.precision, batch_size=args.batch_size, world_frame=args.world_frame,
+        conf_percentile=args.conf_percentile, min_conf=args.min_conf, max_points=args.max_points,
+        cpus=args.cpus_per_worker, shard_format=args.shard_format, depth_format=args.depth_format)
+    # Workers import this project's modules (and a --backend module) from the driver's paths, made
+    # absolute: workers do not run in the driver's folder (a relative PYTHONPATH=tests found nothing).
+    here = os.path.dirname(os.path.abspath(__file__))
+    pythonpath = os.pathsep.join(os.path.abspath(p) for p in [here, *os.environ.get("PYTHONPATH", "").split(os.pathsep)] if p)
+    actor_class = ray.remote(Worker).options(num_gpus=gpus, num_cpus=args.cpus_per_worker,
+                                             max_restarts=-1, max_task_retries=0,
+                                             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    actors = {rank: actor_class.remote(rank, config) for rank in range(count)}
+    pids: dict[int, int] = {}  # rank -> pid of its live process: a submit meant for a dead one is dropped
+    for rank, actor in actors.items():
+        try:
+            info = ray.get(actor.ready.remote())
+        except Exception as e:
+            raise SystemExit(f"worker {rank} failed to start: {_last_line(e)}")
+        pids[rank] = info["pid"]
+        print(f"worker {rank}: {info['device']} on {info['node']}", file=sys.stderr)
+    return actors, pids
+
+
 def run(args: argparse.Namespace) -> int:
     videos = list_videos(args.videos)
     if not videos:
@@ -465,7 +606,7 @@ def run(args: argparse.Namespace) -> int:
     status = read_video_status(args.root)
     check_run_parameters(args.root, run_parameters(args))
 
-    from pipeline import VideoResult, VideoStart, VideoTask
+    from pipeline import VideoTask
 
     finished = {v for v, r in status.items() if r["status"] in ("done", "no_windows")}
     todo = [v for v in known_names(videos, status) if v not in finished]
@@ -474,30 +615,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     ray = start_ray(args.address)
-    count, gpus = decide_workers(ray, args)
-    config = WorkerConfig(
-        root=os.path.abspath(args.root), files_per_dir=args.files_per_dir, kernel=args.kernel,
-        stride=args.stride, dilation=args.dilation, window_seconds=args.window_seconds,
-        resize_mode=args.resize_mode, backend=args.backend, model=args.model, device=args.device,
-        precision=args.precision, batch_size=args.batch_size, world_frame=args.world_frame,
-        conf_percentile=args.conf_percentile, min_conf=args.min_conf, max_points=args.max_points,
-        cpus=args.cpus_per_worker, shard_format=args.shard_format, depth_format=args.depth_format)
-    # Workers import this project's modules (and a --backend module) from the driver's paths.
-    here = os.path.dirname(os.path.abspath(__file__))
-    # Absolute: workers do not run in the driver's folder (a relative PYTHONPATH=tests found nothing).
-    pythonpath = os.pathsep.join(os.path.abspath(p) for p in [here, *os.environ.get("PYTHONPATH", "").split(os.pathsep)] if p)
-    actor_class = ray.remote(Worker).options(num_gpus=gpus, num_cpus=args.cpus_per_worker,
-                                             max_restarts=-1, max_task_retries=0,
-                                             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-    actors = {rank: actor_class.remote(rank, config) for rank in range(count)}
-    pids: dict[int, int] = {}  # rank -> pid of its live process: a submit meant for a dead one is dropped
-    for rank, actor in list(actors.items()):
-        try:
-            info = ray.get(actor.ready.remote())
-            pids[rank] = info["pid"]
-            print(f"worker {rank}: {info['device']} on {info['node']}", file=sys.stderr)
-        except Exception as e:
-            raise SystemExit(f"worker {rank} failed to start: {_last_line(e)}")
+    actors, pids = start_workers(ray, args, *decide_workers(ray, args))
     # Resume points are read only now: every rank's lock is held by this run's workers (or was
     # released by its last writer), so a killed run's workers, which die a little after their
     # driver, have written their last sample.
@@ -506,97 +624,21 @@ def run(args: argparse.Namespace) -> int:
     todo = known_names(todo, status, resume)  # a killed run may have begun a video under another name
 
     started = time.time()
-    pending = deque(VideoTask(v, resume.get(v, -1)) for v in todo)
-    attempts: dict[str, int] = {}  # video -> deaths of a worker while it ran alone on the video
-    alone: set[str] = set()  # videos in flight at a worker's death: they run alone from now on
-    samples_written = 0
-    inflight: dict[int, list[VideoTask]] = {rank: [] for rank in actors}
-    results: list[VideoResult] = []
-    opened: set[str] = set()
     progress = Progress(len(todo), enabled=not args.no_progress)
     videos_log = open(os.path.join(args.root, VIDEOS_FILE), "a", encoding="utf-8")
-
-    def record(result: VideoResult, rank: int, tries: int | None = None) -> None:
-        results.append(result)
-        line = {**asdict(result), "rank": rank, "attempts": tries or attempts.get(result.video, 0) + 1,
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        videos_log.write(json.dumps(line) + "\n")
-        videos_log.flush()
-
-    def worker_lost(rank: int, error: BaseException | str) -> None:
-        """The rank's process died (or broke): get a fresh one and hand its videos out again."""
-        pid = replace_worker(ray, actors, rank, error, pids[rank]) if isinstance(error, BaseException) else pids[rank]
-        reason = _last_line(error) if isinstance(error, BaseException) else error
-        if pid is None:
-            del actors[rank]
-            print(f"worker {rank} cannot be replaced: {reason}", file=sys.stderr)
-        else:
-            pids[rank] = pid
-        # The replaced worker holds the rank's lock, so the dead one wrote its last sample:
-        # its index says where each of its videos stopped.
-        written = read_resume_points(args.root, ranks=[rank])
-        lost = inflight.pop(rank)
-        if rank in actors:
-            inflight[rank] = []
-        for task in reversed(lost):  # back at the head of the queue, in their order
-            alone.add(task.video)
-            if len(lost) == 1:  # it ran alone: the death is its own (else the next one, alone, says)
-                attempts[task.video] = attempts.get(task.video, 0) + 1
-            if attempts.get(task.video, 0) >= args.max_attempts:
-                record(VideoResult(task.video, "failed", f"worker died {attempts[task.video]} times "
-                                   f"while on this video: {reason}"), rank, attempts[task.video])
-            else:
-                pending.appendleft(VideoTask(task.video, max(task.after_focal, written.get(task.video, -1))))
-        if not actors:
-            for task in pending:
-                record(VideoResult(task.video, "failed", "no worker left"), rank)
-            pending.clear()
-        progress.update(0, sum(r.status == "failed" for r in results))
-
+    dispatcher = Dispatcher(ray, actors, pids, [VideoTask(v, resume.get(v, -1)) for v in todo], args,
+                            progress, videos_log)
     try:
-        while pending or any(inflight.values()):
-            # Every worker's first slot before any second one, so every rank gets work at once.
-            for depth in range(1, QUEUED_PER_WORKER + 1):
-                for rank, actor in actors.items():
-                    if not pending or len(inflight[rank]) >= depth:
-                        continue
-                    # A video in flight when its worker died runs alone, so a death names its video.
-                    if inflight[rank] and (pending[0].video in alone or inflight[rank][0].video in alone):
-                        continue
-                    task = pending.popleft()
-                    inflight[rank].append(task)
-                    actor.submit.remote(task, pids[rank])
-            polls = {actor.poll.remote(0.5): rank for rank, actor in actors.items() if inflight[rank]}
-            for ref, rank in polls.items():
-                try:
-                    pid, events = ray.get(ref)
-                except Exception as e:  # the worker process died (or its pipeline broke)
-                    worker_lost(rank, e)
-                    continue
-                if pid != pids[rank]:
-                    pids[rank] = pid
-                    worker_lost(rank, "worker process died (Ray restarted it)")
-                    continue
-                windows = 0
-                for event in events:
-                    if isinstance(event, VideoStart) and event.video not in opened:
-                        opened.add(event.video)
-                        progress.video_opened(event.windows_todo)
-                    elif isinstance(event, VideoResult):
-                        inflight[rank] = [t for t in inflight[rank] if t.video != event.video]
-                        record(event, rank)
-                    elif not isinstance(event, VideoStart):
-                        windows += 1
-                samples_written += windows
-                progress.update(windows, sum(r.status == "failed" for r in results))
-        stats = [ray.get(actor.finish.remote()) for actor in actors.values()]
+        while dispatcher.busy():
+            dispatcher.hand_out()
+            dispatcher.poll()
+        stats = [ray.get(actor.finish.remote()) for actor in dispatcher.actors.values()]
     finally:
         progress.close()
         videos_log.close()
-    elapsed = time.time() - started
-    print_summary(results, stats, elapsed, args.root, samples_written)
+    print_summary(dispatcher.results, stats, time.time() - started, args.root, dispatcher.samples_written)
     lock.close()
-    return 1 if any(r.status == "failed" for r in results) else 0
+    return 1 if dispatcher.failed() else 0
 
 
 def print_summary(results, stats: list[dict], elapsed: float, root: str, samples: int) -> None:
