@@ -22,7 +22,7 @@ from window import Window, windows
 
 MODEL_SIZE = 518  # VGGT's training resolution (long side / width)
 PATCH = 14  # VGGT's patch size: model H and W are multiples of it
-READ_CHUNK = 8  # frames per decoder call: amortises call overhead, bounds full-res memory
+READ_CHUNK = 8  # frames resized per call: amortises call overhead, bounds full-res memory
 
 
 class DecodeError(RuntimeError):

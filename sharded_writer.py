@@ -97,8 +97,8 @@ def decode_depth(code: np.ndarray, depth_min: float, depth_max: float, levels: i
 # ----------------------------------------------------------------------------- writer
 
 
-@dataclass(frozen=True)
-class Slot:
+@dataclass(frozen=True, order=True)
+class Slot:  # ordered by (shard, stem)
     shard: int
     stem: int
 
@@ -137,7 +137,7 @@ class ShardedWriter:
         self.last_focal: dict[str, int] = {}  # video -> highest focal frame written (resume point)
         last = Slot(0, -1)
         for r in records:
-            last = max(last, Slot(r["shard"], r["stem"]), key=lambda s: (s.shard, s.stem))
+            last = max(last, Slot(r["shard"], r["stem"]))
             self.last_focal[r["video"]] = max(self.last_focal.get(r["video"], -1), r["frame_index"])
         # A tar shard is never appended to once committed: a reopened tar writer starts a new one.
         self._next = self._after(last) if shard_format == "dir" or last.stem < 0 else Slot(last.shard + 1, 0)
