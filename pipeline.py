@@ -12,10 +12,12 @@ Memory is flat: every queue is bounded and frames travel as uint8.
 
 from __future__ import annotations
 
+import gc
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -90,21 +92,143 @@ class _Failed:  # model or writer failed on a video: drop its remaining windows 
 
 
 _STOP = object()
+_IDLE = object()  # the decoder has no video left to decode: run partial batches now
+MAX_CONSECUTIVE_FAILURES = 4  # failed forwards in a row (no success between) that end the worker
+STALE_BATCHES = 4  # a partial batch runs once this many batches' worth of other windows went by
+
+
+class DeviceFault(RuntimeError):
+    """The device cannot be used any more (illegal memory access, ECC error, a lost or poisoned
+    CUDA context, or every forward failing): the worker process must end and be replaced."""
+
+
+@dataclass
+class _Fault:  # model thread -> writer thread: commit what came before, then end the worker
+    reason: str
+
+
+# Substrings of errors (RuntimeError and friends, as CUDA, cuBLAS and cuDNN raise them).
+_OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", "HIPBLAS_STATUS_ALLOC_FAILED")
+_FATAL_MARKERS = ("CUDA error", "CUDA driver error", "illegal memory access", "uncorrectable ECC",
+                  "ECC error", "device-side assert", "CUBLAS_STATUS_", "CUDNN_STATUS_", "cudaError",
+                  "misaligned address", "unspecified launch failure", "NCCL error", "HIP error")
+
+
+def classify_error(error: BaseException) -> str:
+    """'oom': out of device memory, retry smaller (torch.cuda.OutOfMemoryError, or cuBLAS/cuDNN
+    allocation failures that arrive as plain RuntimeError); 'fatal': any other CUDA error (the
+    context is unusable from now on: illegal memory access, ECC, a failed launch); 'error':
+    anything else (this batch's windows are to blame)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return "oom"
+    text = str(error)
+    if isinstance(error, RuntimeError) and any(m in text for m in _OOM_MARKERS):
+        return "oom"
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return "fatal"
+    if isinstance(error, RuntimeError) and any(m in text for m in _FATAL_MARKERS):
+        return "fatal"
+    return "error"
+
+
+def free_device_memory() -> None:
+    """After a failed forward: collect its tensors, hand cached blocks back to the driver."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+class _Batches:
+    """The model thread's open batches, one per frame shape, and the video results waiting for
+    their windows: a result is passed on right after the last sample of its video."""
+
+    def __init__(self, pipeline: "Pipeline"):
+        self.p = pipeline
+        self.open: dict[tuple, list[WindowFrames]] = {}  # shape -> windows, in arrival order
+        self.born: dict[tuple, int] = {}  # shape -> arrival number of its first window
+        self.arrived = 0
+        self.pending: dict[str, int] = {}  # video -> windows not yet through the model
+        self.held: dict[str, VideoResult] = {}
+        self.failed: dict[str, str] = {}
+
+    def add(self, w: WindowFrames) -> None:
+        if w.video in self.failed:
+            return
+        shape = tuple(w.frames.shape)
+        batch = self.open.setdefault(shape, [])
+        if not batch:
+            self.born[shape] = self.arrived
+        batch.append(w)
+        self.arrived += 1
+        self.pending[w.video] = self.pending.get(w.video, 0) + 1
+        target = self.p.target_batch_size(shape)
+        if len(batch) >= target:
+            self.run(shape)
+        for other in [s for s in self.open if self.arrived - self.born[s] > STALE_BATCHES * target]:
+            self.run(other)
+
+    def run(self, shape: tuple) -> None:
+        batch = self.open.pop(shape)
+        done: set[int] = set()
+        for part, samples in self.p._forward_parts(batch, self.failed):
+            self.p._emit(part, samples, self)
+            done.update(id(w) for w in part)
+        for w in batch:  # windows dropped because their video failed meanwhile
+            if id(w) not in done:
+                self.window_done(w.video)
+
+    def run_all(self) -> None:
+        for shape in sorted(self.open, key=self.born.get):
+            self.run(shape)
+
+    def window_done(self, video: str) -> None:
+        self.pending[video] -= 1
+        if self.pending[video] == 0:
+            del self.pending[video]
+            if video in self.held:
+                self._pass_on(self.held.pop(video))
+
+    def result(self, item: VideoResult) -> None:
+        if self.pending.get(item.video):
+            self.held[item.video] = item
+        else:
+            self._pass_on(item)
+
+    def _pass_on(self, item: VideoResult) -> None:
+        if item.video in self.failed:
+            item.status, item.reason = "failed", self.failed.pop(item.video)
+        self.p._samples.put(item)
 
 
 class Pipeline:
     """Feed it VideoTasks with submit(); poll() returns what happened since the last poll."""
 
     def __init__(self, stage: GeometryStage, writer: ShardedWriter, settings: WindowSettings,
-                 batch_size: int = 4, prefetch_windows: int = 16, stats: Stats | None = None):
+                 batch_size: int | Callable[[tuple], int] = 4, prefetch_windows: int = 16,
+                 stats: Stats | None = None, on_device_fault: Callable[[str], None] | None = None,
+                 grow_after: int = 8):
+        """`batch_size`: windows per forward, or a function of the window shape (S, H, W, 3)
+        giving it (--batch-size auto). `on_device_fault(reason)`: called in the writer thread
+        once every sample before a DeviceFault is committed (the worker ends its process there);
+        without it the fault surfaces through poll(). `grow_after`: good forwards after an
+        out-of-memory halving before the batch doubles again."""
         self.stage, self.writer, self.settings = stage, writer, settings
-        self.batch_size = batch_size
+        self._batch_size_of = batch_size if callable(batch_size) else (lambda shape, b=batch_size: b)
+        self._max_batch = batch_size if isinstance(batch_size, int) else 1 << 20
+        self.batch_size = self._max_batch  # windows per forward now: lowered by out-of-memory, grows back
+        self._grow_after, self._good_forwards, self._grown_recently = grow_after, 0, False
+        self._consecutive_failures = 0
+        self._failing_videos: set[str] = set()  # videos failed by the model since its last good forward
+        self._on_device_fault = on_device_fault
+        self.device_fault: str | None = None
         self.stats = stats or Stats()
         if hasattr(stage, "stats"):  # GeometryStage splits its time into forward / post-processing
             stage.stats = self.stats
         self._tasks: queue.Queue = queue.Queue()
         self._windows: queue.Queue = queue.Queue(maxsize=prefetch_windows)
-        self._samples: queue.Queue = queue.Queue(maxsize=max(2, 2 * batch_size))
+        self._samples: queue.Queue = queue.Queue(maxsize=max(2, 2 * min(self._max_batch, 64)))
         self._events: queue.Queue = queue.Queue()  # VideoStart / VideoResult for the caller
         self._fatal: BaseException | None = None
         self._threads = [
@@ -119,6 +243,11 @@ class Pipeline:
 
     def submit(self, task: VideoTask) -> None:
         self._tasks.put(task)
+
+    def target_batch_size(self, shape: tuple) -> int:
+        """Windows per batch for windows of this shape (S, H, W, 3): the configured size (or the
+        one --batch-size auto picks for it), cut to what fits after an out-of-memory error."""
+        return max(1, min(self._batch_size_of(shape), self.batch_size))
 
     def poll(self, timeout: float = 0.5) -> list:
         """Events since the last call (VideoStart, VideoResult), waiting up to `timeout` for one."""
@@ -137,7 +266,8 @@ class Pipeline:
         """Finish everything submitted, then stop the threads and the writer."""
         self._tasks.put(_STOP)
         for t in self._threads:
-            t.join()
+            while t.is_alive() and self._fatal is None:  # after a fault a thread may wait forever
+                t.join(0.1)
         self.writer.close()
         if self._fatal is not None:
             raise RuntimeError(f"pipeline stopped: {self._fatal!r}") from self._fatal
@@ -173,6 +303,8 @@ class Pipeline:
     def _decode_loop(self) -> None:
         while (task := self._tasks.get()) is not _STOP:
             self._decode_video(task)
+            if self._tasks.empty():  # nothing more to decode for now: partial batches may run
+                self._windows.put(_IDLE)
         self._windows.put(_STOP)
 
     def _decode_video(self, task: VideoTask) -> None:
@@ -208,54 +340,113 @@ class Pipeline:
     # ------------------------------------------------------------------ stage 2: model
 
     def _model_loop(self) -> None:
-        batch: list[WindowFrames] = []
-        failed: dict[str, str] = {}
+        """Windows go into one batch per frame shape; a batch runs when full, so batches span
+        video boundaries. Partial batches run when the decoder goes idle (_IDLE), when the input
+        ends, or when a batch has waited while `STALE_BATCHES` batches' worth of windows of other
+        shapes went by. A video's result is passed on right after its last sample."""
+        batches = _Batches(self)
         while True:
             item = self._get(self._windows, "model_starved_seconds")
-            if isinstance(item, WindowFrames):
-                if item.video in failed:
-                    continue
-                if batch and item.frames.shape != batch[0].frames.shape:
-                    self._run_batch(batch, failed)
-                    batch = []
-                batch.append(item)
-                if len(batch) >= self.batch_size:
-                    self._run_batch(batch, failed)
-                    batch = []
-                continue
-            if batch:  # a marker or the end: finish what is pending first, keeping order
-                self._run_batch(batch, failed)
-                batch = []
-            if isinstance(item, VideoResult) and item.video in failed:
-                item.status, item.reason = "failed", failed.pop(item.video)
-            self._samples.put(item)
-            if item is _STOP:
+            try:
+                if isinstance(item, WindowFrames):
+                    batches.add(item)
+                elif item is _IDLE or item is _STOP:
+                    batches.run_all()
+                    if item is _STOP:
+                        self._samples.put(_STOP)
+                        return
+                elif isinstance(item, VideoResult):
+                    batches.result(item)
+                else:  # VideoStart: before any of its samples, which can only come later
+                    self._samples.put(item)
+            except DeviceFault as e:  # the device is gone: commit what is done, then the worker ends
+                self._samples.put(_Fault(str(e)))
                 return
 
-    def _run_batch(self, batch: list[WindowFrames], failed: dict[str, str]) -> None:
-        started = time.perf_counter()
-        try:
-            samples = self._forward(batch)
-        except Exception as e:  # the model failed on these windows: their videos fail, others go on
-            for w in batch:
-                failed.setdefault(w.video, f"model failed: {type(e).__name__}: {str(e).strip()[:300]}")
-            return
-        self.stats.stat_update("model_seconds", time.perf_counter() - started)
-        self.stats.stat_update("batches")
-        for sample in samples:
-            self._put(self._samples, sample, "model_blocked_seconds")
+    def _forward_parts(self, batch: list[WindowFrames], failed: dict[str, str]):
+        """Run `batch` through the stage in parts of at most `self.batch_size` windows, yielding
+        (part, samples), or (part, None) when the model failed on that part (its videos are then
+        in `failed`).
 
-    def _forward(self, batch: list[WindowFrames]) -> list[Sample]:
+        Out of memory: leave the except block (its traceback holds every tensor of the failed
+        forward), free, retry with half the windows, and stay there until `grow_after` forwards
+        went well, then double again (each failed growth doubles that wait). Any other error: the
+        part's windows run again one at a time, so one bad window fails only its own video. A CUDA
+        error that is not out-of-memory raises DeviceFault, as do MAX_CONSECUTIVE_FAILURES failed
+        forwards in a row: a worker whose device is broken must end, not fail every video."""
+        todo = list(batch)
+        alone: set[int] = set()  # id() of windows to run one at a time after a failed part
+        while todo:
+            todo = [w for w in todo if w.video not in failed]
+            if not todo:
+                return
+            size = 1 if id(todo[0]) in alone else min(self.batch_size, len(todo))
+            part = todo[:size]
+            started = time.perf_counter()
+            outcome = self._attempt(part)
+            if isinstance(outcome, list):
+                todo = todo[size:]
+                self._consecutive_failures = 0
+                self._failing_videos.clear()
+                self.stats.stat_update("model_seconds", time.perf_counter() - started)
+                self.stats.stat_update("batches")
+                self._after_good_forward()
+                yield part, outcome
+                continue
+            kind, message = outcome
+            self._consecutive_failures += 1
+            # A video failed since the last good forward, and now another one fails too: the
+            # worker, not the videos, is broken.
+            if self._consecutive_failures >= MAX_CONSECUTIVE_FAILURES or (
+                    self._failing_videos and any(w.video not in self._failing_videos for w in part)):
+                raise DeviceFault(f"{self._consecutive_failures} failed forwards in a row, after "
+                                  f"{len(self._failing_videos)} video(s) failed; the last: {message}")
+            if kind == "oom":
+                free_device_memory()  # outside the except block: the failed attempt is gone by now
+                self.stats.stat_update("oom_batch_halvings")
+                if size > 1:
+                    if self._grown_recently:
+                        self._grow_after = min(2 * self._grow_after, 1 << 16)
+                    self.batch_size, self._good_forwards, self._grown_recently = max(1, size // 2), 0, False
+                    continue
+                message = f"out of memory on a single window: {message}"
+            elif size > 1:
+                alone.update(id(w) for w in part)
+                continue
+            for w in part:
+                failed.setdefault(w.video, f"model failed: {message}")
+                self._failing_videos.add(w.video)
+            todo = todo[size:]
+            yield part, None
+
+    def _attempt(self, part: list[WindowFrames]):
+        """The stage's samples, or ("oom" | "error", message). Nothing of a failed attempt outlives
+        this call: the exception becomes a string inside the except block."""
         try:
-            return self.stage(batch)
-        except torch.cuda.OutOfMemoryError:
-            if len(batch) == 1:
-                raise
-            torch.cuda.empty_cache()
-            self.batch_size = max(1, len(batch) // 2)  # stay smaller for the rest of the run
-            self.stats.stat_update("oom_batch_halvings")
-            half = len(batch) // 2
-            return self._forward(batch[:half]) + self._forward(batch[half:])
+            return self.stage(part)
+        except Exception as e:
+            kind = classify_error(e)
+            message = f"{type(e).__name__}: {str(e).strip()[:300]}"
+            if kind == "fatal":
+                raise DeviceFault(message) from None
+        return kind, message
+
+    def _after_good_forward(self) -> None:
+        self._grown_recently = False
+        if self.batch_size >= self._max_batch:
+            return
+        self._good_forwards += 1
+        if self._good_forwards >= self._grow_after:
+            self.batch_size, self._good_forwards = min(self._max_batch, 2 * self.batch_size), 0
+            self._grown_recently = True
+            self.stats.stat_update("batch_growths")
+
+    def _emit(self, part: list[WindowFrames], samples: list[Sample] | None, batches: "_Batches") -> None:
+        """Pass a part's samples on in order; a video's held result follows its last sample."""
+        for i, w in enumerate(part):
+            if samples is not None:
+                self._put(self._samples, samples[i], "model_blocked_seconds")
+            batches.window_done(w.video)
 
     # ------------------------------------------------------------------ stage 3: write
 
@@ -263,6 +454,9 @@ class Pipeline:
         failed: dict[str, str] = {}
         written: dict[str, int] = {}
         while (item := self._get(self._samples, "write_starved_seconds")) is not _STOP:
+            if isinstance(item, _Fault):
+                self._device_fault(item.reason)
+                return
             if isinstance(item, Sample):
                 if item.video in failed:
                     continue
@@ -290,3 +484,14 @@ class Pipeline:
                 self.stats.stat_update(f"videos_{item.status}")
                 self._events.put(item)
 
+
+    def _device_fault(self, reason: str) -> None:
+        """Everything before the fault is written: commit it, then hand over to the worker."""
+        self.device_fault = reason
+        self.stats.stat_update("device_faults")
+        try:
+            self.writer.flush()
+        finally:
+            if self._on_device_fault is not None:
+                self._on_device_fault(reason)
+            self._fatal = DeviceFault(reason)

@@ -225,3 +225,137 @@ def test_stage_seconds_land_in_the_pipeline_counters(clip, one_torch_thread):
     for key in ("decode_seconds", "model_seconds", "forward_seconds", "postprocess_seconds", "write_seconds"):
         assert counts[key] > 0, key
     assert counts["forward_seconds"] + counts["postprocess_seconds"] <= counts["model_seconds"] * 1.01 + 1e-3
+
+
+# ----------------------------------------------------------------------------- GPU faults and full batches
+
+
+def test_batches_span_videos_and_results_follow_their_last_sample(clip, tmp_path, one_torch_thread):
+    """Windows of consecutive videos share batches (all full but the last); each video's samples
+    stay in order, and its result (and the writer's flush) comes right after its last sample."""
+    other = str(write_mp4(tmp_path / "other.mp4", num_frames=21, width=64, height=48))
+    stage, writer = FakeStage(), FakeWriter()
+    events = run_all(Pipeline(stage, writer, WindowSettings(kernel=3, stride=2), batch_size=4), [clip, other])
+    total = num_windows(40, 3, 2, 1) + num_windows(21, 3, 2, 1)  # 19 + 10
+    assert sum(stage.calls) == total and stage.calls[:-1] == [4] * (len(stage.calls) - 1)
+    assert num_windows(40, 3, 2, 1) % 4 != 0  # so one batch holds windows of both videos
+    for video in (clip, other):
+        focals = [f for v, f in writer.written if v == video]
+        assert focals == sorted(focals) and len(focals) == num_windows(40 if video == clip else 21, 3, 2, 1)
+    first_flush = writer.events.index(("flush",))
+    assert {e[1] for e in writer.events[:first_flush]} == {clip}
+    assert {e[1] for e in writer.events[first_flush + 1:] if e[0] == "sample"} == {other}
+    results = [e for e in events if isinstance(e, VideoResult)]
+    assert [(r.video, r.status, r.samples) for r in results] == [(clip, "done", 19), (other, "done", 10)]
+
+
+def test_out_of_memory_retries_outside_the_except_block_and_grows_back(clip, one_torch_thread):
+    """The retry must not run while the failed attempt's traceback (and its tensors) is alive."""
+    import sys
+
+    class Stage(FakeStage):
+        def __call__(self, batch):
+            assert sys.exc_info() == (None, None, None), "retried inside the except block"
+            return super().__call__(batch)
+
+    stage, stats = Stage(oom_above=2), Stats()
+    pipeline = Pipeline(stage, FakeWriter(), WindowSettings(kernel=3, stride=1), batch_size=8, stats=stats,
+                        grow_after=3)
+    result = next(e for e in run_all(pipeline, [clip]) if isinstance(e, VideoResult))
+    assert result.status == "done" and result.samples == num_windows(40, 3, 1, 1)
+    counts = stats.snapshot()
+    assert counts["batch_growths"] >= 1 and counts["oom_batch_halvings"] >= 3  # 8 -> 4 -> 2, grew, halved again
+    assert max(stage.calls) == 2
+
+
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+])
+def test_allocation_failures_count_as_out_of_memory(error):
+    from pipeline import classify_error
+
+    assert classify_error(error) == "oom"
+
+
+@pytest.mark.parametrize("error, kind", [
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), "fatal"),
+    (RuntimeError("CUDA error: uncorrectable ECC error encountered"), "fatal"),
+    (RuntimeError("CUDA error: unspecified launch failure"), "fatal"),
+    (RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx`"), "fatal"),
+    (RuntimeError("shape '[2, 3]' is invalid for input of size 5"), "error"),
+    (ValueError("a bad video"), "error"),
+])
+def test_other_cuda_errors_are_fatal_to_the_worker(error, kind):
+    from pipeline import classify_error
+
+    assert classify_error(error) == kind
+
+
+class PoisonedStage(FakeStage):
+    """Works for its first `good` calls, then fails like a poisoned CUDA context, every call."""
+
+    def __init__(self, good: int, error: str = "CUDA error: an illegal memory access was encountered"):
+        super().__init__()
+        self.good, self.error, self.attempts = good, error, 0
+
+    def __call__(self, batch):
+        self.attempts += 1
+        if self.attempts > self.good:
+            raise RuntimeError(self.error)
+        return super().__call__(batch)
+
+
+def test_a_broken_device_ends_the_worker_after_committing_what_came_before(clip, one_torch_thread):
+    """A poisoned context (or a model that fails on everything) must not fail the videos it is
+    handed: what was done is committed, the fault handler runs (the worker exits there), and no
+    video is reported failed."""
+    error = "CUDA error: an illegal memory access was encountered"
+    faults: list[str] = []
+    stage, writer, stats = PoisonedStage(good=2, error=error), FakeWriter(), Stats()
+    pipeline = Pipeline(stage, writer, WindowSettings(kernel=3, stride=1), batch_size=2, stats=stats,
+                        on_device_fault=faults.append)
+    pipeline.submit(VideoTask(clip))
+    events = []
+    with pytest.raises(RuntimeError, match="pipeline stopped"):
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            events += pipeline.poll(0.2)
+    assert len(faults) == 1 and (error in faults[0])
+    assert writer.written == [(clip, f) for f in (1, 2, 3, 4)]  # the two good batches, committed
+    assert writer.events[-1] == ("flush",)
+    assert not [e for e in events if isinstance(e, VideoResult)]  # nothing reported failed
+    assert stats.snapshot()["device_faults"] == 1
+    with pytest.raises(RuntimeError, match="DeviceFault"):
+        pipeline.close()
+
+
+def test_one_bad_window_in_a_shared_batch_fails_only_its_video(clip, tmp_path, one_torch_thread):
+    bad = str(write_mp4(tmp_path / "bad.mp4", num_frames=9, width=64, height=48))
+    writer = FakeWriter()
+    events = run_all(Pipeline(FakeStage(fail_video=bad), writer, WindowSettings(kernel=3, stride=2), batch_size=4),
+                     [clip, bad])
+    results = {e.video: e for e in events if isinstance(e, VideoResult)}
+    assert results[bad].status == "failed" and results[clip].status == "done"
+    assert results[clip].samples == num_windows(40, 3, 2, 1)
+
+
+def test_a_model_failing_every_call_ends_the_worker_before_failing_the_queue(clip, tmp_path, one_torch_thread):
+    """Plain errors on every call: the first video is failed (a bad video looks the same), the
+    next failure, on another video, shows the worker is broken: it ends instead of failing more."""
+    others = [str(write_mp4(tmp_path / f"v{i}.mp4", num_frames=12, width=64, height=48)) for i in range(3)]
+    faults: list[str] = []
+    pipeline = Pipeline(PoisonedStage(good=0, error="no kernel image for this device"), FakeWriter(),
+                        WindowSettings(kernel=3, stride=1), batch_size=2, on_device_fault=faults.append)
+    for video in [clip, *others]:
+        pipeline.submit(VideoTask(video))
+    events = []
+    with pytest.raises(RuntimeError, match="pipeline stopped"):
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            events += pipeline.poll(0.2)
+    failed = [e.video for e in events if isinstance(e, VideoResult) and e.status == "failed"]
+    assert failed == [clip] and len(faults) == 1
+    with pytest.raises(RuntimeError):
+        pipeline.close()
