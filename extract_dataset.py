@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import glob
 import json
 import os
@@ -29,6 +30,7 @@ DATASET_PARAMETERS = ("kernel", "stride", "dilation", "window_seconds", "backend
                       "world_frame", "max_points", "conf_percentile", "min_conf", "resize_mode",
                       "shard_format", "depth_format")
 QUEUED_PER_WORKER = 2  # one video in work, one decoding ahead
+DEVICE_FAULTS_BEYOND_ATTEMPTS = 2  # a video in flight at --max-attempts + 2 device faults fails
 
 
 class UsageError(Exception):
@@ -71,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default=None, help="cuda or cpu (default: cuda when the worker has a GPU)")
     m.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="autocast on CUDA: auto = bf16 on Ampere or newer, else fp16; CPU runs fp32")
-    m.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    m.add_argument("--batch-size", type=_batch_size, default="auto",
+                   help="windows per forward pass; auto: 1 on the CPU, on a GPU as many as its free memory "
+                        "holds for the window shape (kernel, height, width), at most 32")
     m.add_argument("--resize-mode", default="crop", choices=("crop", "pad"),
                    help="VGGT's preprocessing: crop = width 518, centre-crop height to 518; pad = fit in 518x518")
     g = p.add_argument_group("geometry and point clouds")
@@ -104,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
          f"must be > 0, got {args.window_seconds}"),
         (args.window_seconds is not None and args.kernel < 3, "--window-seconds", "needs --kernel >= 3"),
         (args.files_per_dir < 1, "--files-per-dir", f"must be >= 1, got {args.files_per_dir}"),
-        (args.batch_size < 1, "--batch-size", f"must be >= 1, got {args.batch_size}"),
+        (args.batch_size != "auto" and args.batch_size < 1, "--batch-size", f"must be >= 1 or auto, got {args.batch_size}"),
         (args.max_points < 1, "--max-points", f"must be >= 1, got {args.max_points}"),
         (not 0 <= args.conf_percentile < 100, "--conf-percentile", f"must be in [0, 100), got {args.conf_percentile}"),
         (args.num_workers is not None and args.num_workers < 1, "--num-workers", f"must be >= 1, got {args.num_workers}"),
@@ -118,6 +122,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.window_seconds is not None:
         args.dilation = None  # per video, recorded in every sample
     return args
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or auto, got {text!r}") from None
 
 
 def list_videos(sources: list[str]) -> list[str]:
@@ -265,7 +278,7 @@ class WorkerConfig:
     model: str
     device: str | None
     precision: str
-    batch_size: int
+    batch_size: int | str  # or "auto"
     world_frame: str
     conf_percentile: float
     min_conf: float
@@ -279,6 +292,7 @@ class Worker:
     """One rank: the model loaded once, a pipeline, and OUT/<rank>/ held under a lock."""
 
     def __init__(self, rank: int, config: WorkerConfig):
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
         import torch
 
         from pipeline import Pipeline, WindowSettings
@@ -311,7 +325,8 @@ class Worker:
                                shard_format=config.shard_format, depth_format=config.depth_format)
         settings = WindowSettings(config.kernel, config.stride, config.dilation or 1,
                                   config.window_seconds, config.resize_mode)
-        self.pipeline = Pipeline(stage, writer, settings, batch_size=config.batch_size)
+        self.pipeline = Pipeline(stage, writer, settings, batch_size=worker_batch_size(config.batch_size, device),
+                                 on_device_fault=functools.partial(end_worker_process, rank_dir))
         self.device = device
 
     def ready(self) -> dict:
@@ -339,6 +354,59 @@ class Worker:
     def finish(self) -> dict:
         self.pipeline.close()
         return self.pipeline.stats.snapshot()
+
+
+def worker_batch_size(batch_size: int | str, device: str):
+    """--batch-size as the pipeline takes it: a number, or for auto a function of the window
+    shape (1 on the CPU; on a GPU from its free memory, streaming_vggt.auto_batch_size)."""
+    if batch_size != "auto":
+        return batch_size
+    if not str(device).startswith("cuda"):
+        return 1
+    import torch
+
+    from streaming_vggt import auto_batch_size
+
+    chosen: dict[tuple, int] = {}
+
+    def for_shape(shape: tuple) -> int:  # (S, H, W, 3); free memory read once per shape
+        if shape not in chosen:
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+            chosen[shape] = auto_batch_size(shape[0], shape[1], shape[2], free)
+            print(f"--batch-size auto: {chosen[shape]} windows of {shape[0]}x{shape[1]}x{shape[2]} "
+                  f"({free / 2**30:.1f} GiB free)", file=sys.stderr, flush=True)
+        return chosen[shape]
+
+    return for_shape
+
+
+DEVICE_FAULT_EXIT_CODE = 75
+DEVICE_FAULT_FILE = "device_fault.json"  # in OUT/<rank>/: why the last process of this rank ended
+
+
+def end_worker_process(rank_dir: str, reason: str) -> None:
+    """The pipeline's DeviceFault handler, called once every earlier sample is committed: the CUDA
+    context is unusable, so this process ends at once (no cleanup that could touch the device);
+    Ray starts a fresh one and the driver hands this worker's videos out again. The note in the
+    rank folder tells the driver the death was the device's, not a video's."""
+    try:
+        _write_atomic(os.path.join(rank_dir, DEVICE_FAULT_FILE), json.dumps({"pid": os.getpid(), "reason": reason}))
+        print(f"worker process {os.getpid()}: device fault, ending for a fresh process: {reason}",
+              file=sys.stderr, flush=True)
+    finally:
+        os._exit(DEVICE_FAULT_EXIT_CODE)
+
+
+def read_device_fault(root: str, rank: int, pid: int) -> str | None:
+    """The reason the process `pid` of `rank` ended for a device fault, or None (another death)."""
+    path = os.path.join(root, str(rank), DEVICE_FAULT_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            note = json.load(f)
+        os.remove(path)
+    except (OSError, ValueError):
+        return None
+    return note.get("reason", "device fault") if note.get("pid") == pid else None
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -466,6 +534,8 @@ class Dispatcher:
         self.pending = deque(tasks)
         self.inflight: dict[int, list] = {rank: [] for rank in actors}
         self.attempts: dict[str, int] = {}
+        self.device_faults: dict[str, int] = {}  # video -> device faults of workers while it was in flight
+        self.dead_pids: dict[int, int] = {}  # rank -> pid of its process before Ray restarted it unseen
         self.alone: set[str] = set()
         self.opened: set[str] = set()  # videos whose start was counted in the progress total
         self.results: list = []
@@ -500,7 +570,7 @@ class Dispatcher:
                 self.worker_lost(rank, e)
                 continue
             if pid != self.pids[rank]:  # Ray restarted it between two calls
-                self.pids[rank] = pid
+                self.dead_pids[rank], self.pids[rank] = self.pids[rank], pid
                 self.worker_lost(rank, "worker process died (Ray restarted it)")
                 continue
             windows = 0
@@ -532,11 +602,17 @@ class Dispatcher:
         """The rank's process died (or broke): get a fresh one and hand its videos out again."""
         from pipeline import VideoResult, VideoTask
 
+        old_pid = self.pids[rank]
         if isinstance(error, BaseException):
-            pid = replace_worker(self.ray, self.actors, rank, error, self.pids[rank])
+            pid = replace_worker(self.ray, self.actors, rank, error, old_pid)
             reason = _last_line(error)
         else:
-            pid, reason = self.pids[rank], error
+            old_pid, pid, reason = self.dead_pids.get(rank, old_pid), self.pids[rank], error
+        # A device fault (the process ended itself, its GPU unusable) is the device's, not a video's.
+        fault = read_device_fault(self.args.root, rank, old_pid)
+        if fault is not None:
+            reason = f"device fault: {fault}"
+            print(f"worker {rank}: {reason}; replaced, its videos go out again", file=sys.stderr)
         if pid is None:
             del self.actors[rank]
             print(f"worker {rank} cannot be replaced: {reason}", file=sys.stderr)
@@ -549,6 +625,14 @@ class Dispatcher:
         if rank in self.actors:
             self.inflight[rank] = []
         for task in reversed(lost):  # back at the head of the queue, in their order
+            if fault is not None:  # not charged to the video; only a video at every fault fails
+                self.device_faults[task.video] = self.device_faults.get(task.video, 0) + 1
+                if self.device_faults[task.video] >= self.args.max_attempts + DEVICE_FAULTS_BEYOND_ATTEMPTS:
+                    self.record(VideoResult(task.video, "failed", f"{self.device_faults[task.video]} device "
+                                            f"faults while on this video: {reason}"), rank)
+                else:
+                    self.pending.appendleft(VideoTask(task.video, max(task.after_focal, written.get(task.video, -1))))
+                continue
             self.alone.add(task.video)
             if len(lost) == 1:  # it ran alone: the death is its own (else the next one, alone, says)
                 self.attempts[task.video] = self.attempts.get(task.video, 0) + 1
@@ -562,6 +646,14 @@ class Dispatcher:
                 self.record(VideoResult(task.video, "failed", "no worker left"), rank)
             self.pending.clear()
         self.progress.update(0, self.failed())
+
+
+def worker_env(pythonpath: str) -> dict[str, str]:
+    """Environment of every worker process, set before it starts (so before CUDA initialises):
+    expandable segments let the allocator grow and shrink without fragmenting, so a batch that
+    fitted before still fits after an out-of-memory retry (a user's own setting wins)."""
+    return {"PYTHONPATH": pythonpath,
+            "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
 
 
 def start_workers(ray, args, count: int, gpus: int) -> tuple[dict, dict[int, int]]:
@@ -579,7 +671,7 @@ def start_workers(ray, args, count: int, gpus: int) -> tuple[dict, dict[int, int
     pythonpath = os.pathsep.join(os.path.abspath(p) for p in [here, *os.environ.get("PYTHONPATH", "").split(os.pathsep)] if p)
     actor_class = ray.remote(Worker).options(num_gpus=gpus, num_cpus=args.cpus_per_worker,
                                              max_restarts=-1, max_task_retries=0,
-                                             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+                                             runtime_env={"env_vars": worker_env(pythonpath)})
     actors = {rank: actor_class.remote(rank, config) for rank in range(count)}
     pids: dict[int, int] = {}  # rank -> pid of its live process: a submit meant for a dead one is dropped
     for rank, actor in actors.items():

@@ -394,7 +394,7 @@ class Pipeline:
                 yield part, outcome
                 continue
             kind, message = outcome
-            self._consecutive_failures += 1
+            self._consecutive_failures += kind != "oom" or size == 1  # halving is no failure yet
             # A video failed since the last good forward, and now another one fails too: the
             # worker, not the videos, is broken.
             if self._consecutive_failures >= MAX_CONSECUTIVE_FAILURES or (
