@@ -149,12 +149,76 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+class _GridSize:
+    """Stands in for the aggregator's PositionGetter (same call) and remembers the largest RoPE
+    position of the grid it made: patch rows/columns + 1 (the aggregator shifts patch positions
+    by one so that its special tokens sit at 0)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.max_position = 0
+
+    def __call__(self, batch_size: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+        self.max_position = max(height, width) + 1  # an exclusive bound: a longer table changes no value
+        return self.inner(batch_size, height, width, device)
+
+
+def _rope_without_sync(rope: torch.nn.Module, grid: _GridSize):
+    """RotaryPositionEmbedding2D.forward with the table length known from the patch grid instead
+    of `int(positions.max())`, a host sync in each of the 48 blocks for q and k (96 a forward),
+    which also stops CUDA graphs and torch.compile. Uses the module's own table and rotation."""
+
+    def forward(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = rope._compute_frequency_components(tokens.size(-1) // 2, grid.max_position, tokens.device,
+                                                      tokens.dtype)
+        vertical, horizontal = tokens.chunk(2, dim=-1)
+        return torch.cat((rope._apply_1d_rope(vertical, positions[..., 0], cos, sin),
+                          rope._apply_1d_rope(horizontal, positions[..., 1], cos, sin)), dim=-1)
+
+    return forward
+
+
+def _keep_only(process, needed: set[int]):
+    """Wraps Aggregator._process_frame/global_attention: intermediate outputs no head reads become
+    empty [B, S, P, 0] tensors, so the 20 of VGGT's 24 layer outputs that the heads never read are
+    freed as the forward goes instead of being held (and concatenated) to its end."""
+
+    def run(tokens, B, S, P, C, index, pos=None):
+        tokens, next_index, intermediates = process(tokens, B, S, P, C, index, pos=pos)
+        return tokens, next_index, [t if index + i in needed else t.new_empty(B, S, P, 0)
+                                    for i, t in enumerate(intermediates)]
+
+    return run
+
+
+def prepare_vggt(network: torch.nn.Module) -> torch.nn.Module:
+    """Patches a built VGGT instance (never vggt's files) for inference: RoPE without host syncs,
+    and unused aggregator outputs dropped early. Outputs are unchanged (tests compare)."""
+    aggregator = network.aggregator
+    if getattr(aggregator, "rope", None) is not None and not isinstance(aggregator.position_getter, _GridSize):
+        aggregator.position_getter = _GridSize(aggregator.position_getter)
+        aggregator.rope.forward = _rope_without_sync(aggregator.rope, aggregator.position_getter)
+    depth = len(aggregator.frame_blocks)
+    needed = {depth - 1}  # the camera head reads the last layer
+    for head in (getattr(network, name, None) for name in ("depth_head", "point_head", "track_head")):
+        layers = getattr(head, "intermediate_layer_idx", None) or getattr(
+            getattr(head, "feature_extractor", None), "intermediate_layer_idx", None)
+        if head is not None:
+            if layers is None:
+                return network  # a head whose reads are unknown: keep every output
+            needed |= {i % depth for i in layers}
+    if "_process_frame_attention" not in vars(aggregator):
+        aggregator._process_frame_attention = _keep_only(aggregator._process_frame_attention, needed)
+        aggregator._process_global_attention = _keep_only(aggregator._process_global_attention, needed)
+    return network
+
+
 class VGGTModel:
     """VGGT behind the seam: frames [B,S,3,H,W] in [0,1] -> depth, depth_conf, extrinsic, intrinsic."""
 
     def __init__(self, network: torch.nn.Module, device: torch.device, precision: str = "auto"):
         _, self._pose_encoding_to_extri_intri = _import_vggt()
-        self.network = network.to(device).eval()
+        self.network = prepare_vggt(network.to(device).eval())
         self.device = device
         self.dtype = autocast_dtype(device, precision)
 
@@ -179,6 +243,23 @@ def make_vggt(device: str | torch.device, model: str = DEFAULT_MODEL, precision:
         network = VGGT(enable_point=False, enable_track=False)
         load_vggt_state_dict(network, model)
     return VGGTModel(network, torch.device(device), precision)
+
+
+# Device memory of one window in a VGGT forward (prepare_vggt's trimmed outputs, bf16 autocast),
+# per token: S * (H/14 * W/14 + 5) tokens a window. Estimated from the architecture (24 frame +
+# 24 global blocks of width 1024; 4 kept layer outputs x 2 in fp32 and their concatenation; block
+# transients; the DPT head at full resolution, 8 frames a chunk) and rounded up; gpu_check.py
+# measures the real figure (peak memory / windows) and prints the number to put here.
+VGGT_BYTES_PER_TOKEN = 300 * 1024
+VGGT_RESERVED_BYTES = 3 * 2**30  # workspaces, fragmentation, the CUDA context's own growth
+AUTO_BATCH_MAX = 32  # past this a forward is long enough that launch overhead no longer matters
+
+
+def auto_batch_size(frames: int, height: int, width: int, free_bytes: int) -> int:
+    """--batch-size auto on a GPU: windows of `frames` x height x width that fit in `free_bytes`
+    (device memory free with the model loaded), within [1, AUTO_BATCH_MAX]."""
+    tokens = frames * ((height // 14) * (width // 14) + 5)
+    return max(1, min(AUTO_BATCH_MAX, int((free_bytes - VGGT_RESERVED_BYTES) // (tokens * VGGT_BYTES_PER_TOKEN))))
 
 
 # ----------------------------------------------------------------------------- geometry helpers
@@ -261,6 +342,7 @@ class GeometryStage:
         self.device = torch.device(device)
         self.config = config
         self.stats = stats
+        self._key_tables: dict[int, PointKeys] = {}  # pixels per window -> its point keys
 
     def input_order(self, num_frames: int) -> list[int]:
         """Positions (time order) in the order the model sees them."""
@@ -278,8 +360,7 @@ class GeometryStage:
             frames_u8 = frames_u8.pin_memory()
         order = self.input_order(S)
         on_device = frames_u8.to(self.device, non_blocking=True)
-        x = on_device[:, order]
-        x = x.permute(0, 1, 4, 2, 3).float().div_(255)  # [B,S,3,H,W] in [0,1]; cast after the copy
+        x = on_device[:, order].permute(0, 1, 4, 2, 3).div(255)  # [B,S,3,H,W] float32 in [0,1], one pass
         out = self.model(x)
         back = [order.index(i) for i in range(S)]  # model order -> time order
         out = {k: out[k][:, back].float() for k in ("depth", "depth_conf", "extrinsic", "intrinsic")}
@@ -292,86 +373,269 @@ class GeometryStage:
     def __call__(self, batch: list[WindowFrames]) -> list[Sample]:
         started = time.perf_counter()
         frames_u8 = torch.stack([w.frames for w in batch])  # [B,S,H,W,3]
-        B, S, H, W, _ = frames_u8.shape
         out = self.predict(frames_u8)
         if self.stats is not None:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             forward_done = time.perf_counter()
             self.stats.stat_update("forward_seconds", forward_done - started)
-        depth, conf = out["depth"], out["depth_conf"]
-        extrinsic, intrinsic = out["extrinsic"], out["intrinsic"]
-        colours = out["frames"].reshape(B, S * H * W, 3)
-        # Only the kept points are unprojected. A point's world position is finite iff its depth is
-        # and its frame's camera is (finite, fx and fy non-zero), so validity is known before.
-        camera_ok = (torch.isfinite(extrinsic).flatten(2).all(-1) & torch.isfinite(intrinsic).flatten(2).all(-1)
-                     & (intrinsic[..., 0, 0] != 0) & (intrinsic[..., 1, 1] != 0))  # [B, S]
-        quantiles = torch.tensor([0.1, 0.5, 0.9], device=self.device)
-
-        kept_points, quality = [], []
-        for b, w in enumerate(batch):
-            flat_conf, flat_depth = conf[b].reshape(-1), depth[b].reshape(-1)
-            threshold = max(self.config.min_conf, _percentile(flat_conf, self.config.conf_percentile))
-            valid = (flat_conf >= threshold) & (flat_depth > 0) & (flat_depth < float("inf"))
-            valid = (valid.view(S, H * W) & camera_ok[b, :, None]).view(-1)
-            index = valid.nonzero()[:, 0]  # increasing
-            if self.config.max_points == 0:
-                index = index[:0]  # no points wanted (kthvalue below needs k >= 1)
-            elif index.numel() > self.config.max_points:
-                # the max_points smallest keys (distinct), kept in index order: no sort, no top-k
-                keys = priority_of(index, sample_seed(w.video, w.window.focal_frame))
-                index = index[keys <= _kth_smallest(keys, [self.config.max_points])[0]]
-            frame, pixel = index // (H * W), index % (H * W)
-            xyz = unproject_points(flat_depth[index], (pixel % W).float(), (pixel // W).float(),
-                                   extrinsic[b, frame], intrinsic[b, frame])
-            kept_points.append(torch.cat([xyz, colours[b, index].float() / 255], dim=1))
-            focal_conf = conf[b, S // 2].reshape(-1)
-            focal_depth = depth[b, S // 2]
-            quality.append(torch.stack([
-                *_quantiles(focal_conf, quantiles),
-                valid.float().mean(),
-                focal_depth.min(), focal_depth.max(),
-            ]))
-
-        # Only kept points, focal depth, cameras and quality numbers cross to the host: into pinned
-        # memory without blocking, one wait for all of them.
-        counts = [p.shape[0] for p in kept_points]
-        points_cpu, quality_cpu, depth_cpu, extrinsic_cpu, intrinsic_cpu = _to_host(
-            [torch.cat(kept_points), torch.stack(quality), depth[:, S // 2].contiguous(), extrinsic, intrinsic])
-        points_cpu, quality_cpu = points_cpu.split(counts), quality_cpu.tolist()
-
-        samples = []
-        for b, w in enumerate(batch):
-            q = quality_cpu[b]
-            samples.append(Sample(
-                video=w.video,
-                frame_index=w.window.focal_frame,
-                timestamp=w.timestamps[S // 2],
-                fps=w.fps,
-                dilation=w.dilation,
-                window_frame_indices=list(w.window.frame_indices),
-                window_timestamps=list(w.timestamps),
-                world_frame=self.config.world_frame,
-                rgb=w.frames[S // 2].clone(),  # a copy frees the window's other frames now
-                depth=depth_cpu[b],
-                extrinsic=extrinsic_cpu[b, S // 2].clone(),
-                intrinsic=intrinsic_cpu[b, S // 2].clone(),
-                window_extrinsics=extrinsic_cpu[b].clone(),
-                window_intrinsics=intrinsic_cpu[b].clone(),
-                points=points_cpu[b].clone(),  # clone: torch.save would otherwise write the whole batch
-                quality={
-                    "conf_p10": q[0], "conf_p50": q[1], "conf_p90": q[2],
-                    "kept_fraction": q[3], "depth_min": q[4], "depth_max": q[5],
-                },
-            ))
+        seeds = [sample_seed(w.video, w.window.focal_frame) for w in batch]
+        selection = self.select_points(out, seeds)
+        points = self.assemble_points(out, selection)  # [B*K, 6] (device path, padded) or [total, 6]
+        quality = self.quality_figures(out, selection)  # [B, 6]
+        S = frames_u8.shape[1]
+        # The one wait of the batch: kept points, counts, quality, focal depth and cameras cross
+        # to the host together (pinned buffers, non-blocking copies).
+        points_cpu, counts_cpu, quality_cpu, depth_cpu, extrinsic_cpu, intrinsic_cpu = _to_host([
+            points, selection.counts, quality, out["depth"][:, S // 2].contiguous(), out["extrinsic"], out["intrinsic"]])
+        counts, padded = counts_cpu.tolist(), selection.padded
+        starts = ([b * padded for b in range(len(batch))] if padded is not None
+                  else [sum(counts[:b]) for b in range(len(batch))])
+        samples = [make_sample(w, self.config.world_frame, depth_cpu[b], extrinsic_cpu[b], intrinsic_cpu[b],
+                               points_cpu[starts[b]:starts[b] + counts[b]], quality_cpu[b].tolist())
+                   for b, w in enumerate(batch)]
         if self.stats is not None:
             self.stats.stat_update("postprocess_seconds", time.perf_counter() - forward_done)
         return samples
 
+    # ------------------------------------------------------------------ batch-wide steps
+
+    def select_points(self, out: dict[str, torch.Tensor], seeds: list[int]) -> "PointSelection":
+        """Which pixels of each window become points: confidence at or above the window's
+        `conf_percentile` (exact k-th value) and `min_conf`, finite positive depth, a usable camera;
+        of those, the `max_points` with the smallest keys (`PointKeys`), in flat (s, v, u) order.
+
+        On CUDA everything stays on the device with static shapes (no host sync): [B, K] pixel
+        indices, K = min(max_points, S*H*W), padded past each window's count. On the CPU the same
+        pixels are found with numpy (several times faster than torch there for these steps)."""
+        if self.device.type == "cpu":
+            return self._select_on_host(out, seeds)
+        return self._select_on_device(out, seeds)
+
+    def _threshold_rank(self, n: int) -> int:
+        """1-based rank of the confidence threshold among n values; 0 = no percentile filter."""
+        p = self.config.conf_percentile
+        return 0 if p <= 0 else max(1, min(n, int(round(n * p / 100))))
+
+    def _select_on_host(self, out: dict[str, torch.Tensor], seeds: list[int]) -> "PointSelection":
+        import numpy as np
+
+        depth, conf = out["depth"], out["depth_conf"]
+        B, S, H, W = depth.shape
+        N, M = S * H * W, self.config.max_points
+        camera_ok = _camera_ok(out["extrinsic"], out["intrinsic"]).numpy()  # [B, S]
+        rank = self._threshold_rank(N)
+        indices, counts, kept = [], [], []
+        for b in range(B):
+            c, d = conf[b].reshape(-1).numpy(), depth[b].reshape(-1).numpy()
+            threshold = max(self.config.min_conf, _kth_smallest_np(c, rank)) if rank else self.config.min_conf
+            valid = c >= threshold
+            with np.errstate(invalid="ignore"):
+                valid &= d > 0
+                valid &= d < np.inf
+            if not camera_ok[b].all():
+                valid.reshape(S, H * W)[~camera_ok[b]] = False
+            count = int(np.count_nonzero(valid))
+            kept.append(count / N)
+            if M == 0:
+                index = np.zeros(0, np.int64)
+            elif count <= M:
+                index = np.flatnonzero(valid)
+            else:
+                index = self._keys(N).first_valid(valid, seeds[b], M)
+            indices.append(torch.from_numpy(index.astype(np.int64, copy=False)) + b * N)
+            counts.append(index.size)
+        return PointSelection(torch.cat(indices), torch.tensor(counts), torch.tensor(kept, dtype=torch.float64), None)
+
+    def _select_on_device(self, out: dict[str, torch.Tensor], seeds: list[int]) -> "PointSelection":
+        depth, conf = out["depth"], out["depth_conf"]
+        B, S, H, W = depth.shape
+        N, dev = S * H * W, depth.device
+        K = min(self.config.max_points, N)
+        flat_conf = conf.reshape(B, N)
+        rank = self._threshold_rank(N)
+        threshold = (flat_conf.float().kthvalue(rank, dim=1).values.clamp_min(self.config.min_conf) if rank
+                     else torch.full((B,), self.config.min_conf, device=dev))
+        valid = (flat_conf >= threshold[:, None]) & (depth.reshape(B, N) > 0) & (depth.reshape(B, N) < float("inf"))
+        valid = (valid.view(B, S, H * W) & _camera_ok(out["extrinsic"], out["intrinsic"])[:, :, None]).view(B, N)
+        count = valid.sum(1)
+        kept = count.double() / N
+        if K == 0:
+            return PointSelection(torch.zeros(B, 0, dtype=torch.int64, device=dev), torch.zeros_like(count), kept, 0)
+        pixel = torch.arange(N, device=dev)
+        if K == N:  # no cap: every valid pixel, in order
+            index = torch.where(valid, pixel, N).sort(dim=1).values
+        else:
+            key = self._keys(N).keys(torch.tensor(seeds, device=dev, dtype=torch.int64), dev)  # [B, N]
+            key = torch.where(valid, key, key + N)  # invalid pixels after every valid one
+            smallest, at = key.topk(K, dim=1, largest=False, sorted=False)
+            index = torch.where(smallest < N, at, N).sort(dim=1).values
+        return PointSelection(index, count.clamp_max(K), kept, K)
+
+    def _keys(self, n: int) -> "PointKeys":
+        if n not in self._key_tables:
+            self._key_tables[n] = PointKeys(n)
+        return self._key_tables[n]
+
+    def assemble_points(self, out: dict[str, torch.Tensor], selection: "PointSelection") -> torch.Tensor:
+        """Kept pixels -> points [.., 6]: x y z in the window's world (unprojected through their
+        own frame's camera) and r g b in [0, 1] from their own frame."""
+        depth, extrinsic, intrinsic = out["depth"], out["extrinsic"], out["intrinsic"]
+        B, S, H, W = depth.shape
+        N = S * H * W
+        flat = selection.index
+        if selection.padded is None:
+            return _assemble_on_host(out, flat)
+        # device path: [B, K], padding (N) where a window has fewer points
+        flat = (flat.clamp_max(N - 1) + torch.arange(B, device=flat.device)[:, None] * N).reshape(-1)
+        window, pixel = flat // N, flat % N
+        frame = pixel // (H * W)
+        camera = window * S + frame
+        xyz = unproject_points(depth.reshape(-1)[flat], (pixel % W).float(), ((pixel // W) % H).float(),
+                               extrinsic.reshape(B * S, 3, 4)[camera], intrinsic.reshape(B * S, 3, 3)[camera])
+        rgb = out["frames"].reshape(B * N, 3)[flat].float().div_(255)
+        return torch.cat([xyz, rgb], dim=1)
+
+    def quality_figures(self, out: dict[str, torch.Tensor], selection: "PointSelection") -> torch.Tensor:
+        """[B, 6] float64: focal-frame confidence p10 / p50 / p90 (over every QUALITY_STRIDE-th
+        pixel, torch.quantile's linear interpolation), kept fraction of the window's pixels, focal
+        depth min and max."""
+        depth, conf = out["depth"], out["depth_conf"]
+        B, S = depth.shape[:2]
+        focal_conf = conf[:, S // 2].reshape(B, -1)[:, ::QUALITY_STRIDE]
+        if selection.padded is None:  # the host path
+            conf_q = _quantiles_np(focal_conf, QUALITY_QUANTILES)
+        else:
+            conf_q = torch.quantile(focal_conf.float(), torch.tensor(QUALITY_QUANTILES, device=focal_conf.device),
+                                    dim=1).T
+        low, high = torch.aminmax(depth[:, S // 2].reshape(B, -1), dim=1)
+        kept = selection.kept_fraction.to(conf_q.device)
+        return torch.cat([conf_q.double(), kept[:, None], low.double()[:, None], high.double()[:, None]], dim=1)
+
+
+QUALITY_QUANTILES = (0.1, 0.5, 0.9)
+QUALITY_STRIDE = 8  # confidence percentiles of the focal frame from every 8th pixel (38k of 152k at 518x294)
+
+
+@dataclass
+class PointSelection:
+    """Kept pixels of a batch. padded None (host path): `index` int64 [total], flat b*N + pixel,
+    windows one after another; padded K (device path): `index` int64 [B, K] pixel indices in
+    increasing order, N past each window's `counts[b]`. `kept_fraction` float64 [B]: the fraction
+    of the window's pixels that passed the filters (before the cap)."""
+
+    index: torch.Tensor
+    counts: torch.Tensor
+    kept_fraction: torch.Tensor
+    padded: int | None
+
+
+class PointKeys:
+    """Deterministic point keys for windows of n pixels: a fixed pseudo-random walk over the
+    pixels, started at the window's seed; a pixel's key is its step in that walk. Capping keeps
+    the valid pixels with the smallest keys, i.e. the first max_points valid ones the walk meets:
+    the same pixels on every device, in every batch, on every rerun, needing no RNG state.
+
+    walk step j visits pixel (order[j] + seed) mod n, where `order` sorts the integer hash
+    priority_of(0..n-1) (a fixed random permutation); key(pixel) = rank[(pixel - seed) mod n]."""
+
+    def __init__(self, n: int):
+        import numpy as np
+
+        self.n = n
+        order = torch.argsort(priority_of(torch.arange(n, dtype=torch.int64), n))  # keys distinct: unique order
+        self.order = order.numpy().astype(np.int64)
+        self.rank = torch.empty(n, dtype=torch.int64)
+        self.rank[order] = torch.arange(n)
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def keys(self, seeds: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """[B] seeds -> [B, n] int64 key of every pixel."""
+        if device not in self._on_device:
+            self._on_device[device] = self.rank.to(device)
+        pixel = torch.arange(self.n, device=device)
+        return self._on_device[device][(pixel[None, :] - seeds[:, None] % self.n) % self.n]
+
+    def first_valid(self, valid, seed: int, count: int):
+        """The first `count` pixels of the walk where `valid` (bool numpy [n], with more than
+        `count` True) holds, in increasing pixel order: only a prefix of the walk is looked at."""
+        import numpy as np
+
+        n, seed = self.n, seed % self.n
+        look = min(n, int(count * n / max(1, np.count_nonzero(valid)) * 1.1) + 4096)
+        while True:
+            pixel = self.order[:look] + seed
+            pixel[pixel >= n] -= n
+            hits = np.flatnonzero(valid[pixel])
+            if hits.size >= count or look == n:
+                return np.sort(pixel[hits[:count]])
+            look = min(n, 2 * look)
+
+
+def _assemble_on_host(out: dict[str, torch.Tensor], flat: torch.Tensor) -> torch.Tensor:
+    """assemble_points on the CPU, in numpy: `flat` [total] increasing b*N + pixel indices, so
+    each camera's points are one contiguous run and are unprojected with that camera's numbers
+    (no per-point copy of the cameras). Same arithmetic as unproject_points."""
+    import numpy as np
+
+    depth = out["depth"]
+    B, S, H, W = depth.shape
+    index = flat.numpy()
+    camera = index // (H * W)  # b*S + s
+    pixel = index - camera * (H * W)
+    u, v = (pixel % W).astype(np.float32), (pixel // W).astype(np.float32)
+    z = depth.reshape(-1).numpy()[index]
+    points = np.empty((index.size, 6), np.float32)
+    np.divide(out["frames"].reshape(-1, 3).numpy()[index], np.float32(255), out=points[:, 3:])
+    K = out["intrinsic"].reshape(B * S, 3, 3).numpy()
+    E = out["extrinsic"].reshape(B * S, 3, 4).numpy()
+    bounds = np.searchsorted(camera, np.arange(B * S + 1))
+    for c in np.flatnonzero(np.diff(bounds)):
+        run = slice(bounds[c], bounds[c + 1])
+        zc = z[run]
+        cam = np.stack([(u[run] - K[c, 0, 2]) / K[c, 0, 0] * zc, (v[run] - K[c, 1, 2]) / K[c, 1, 1] * zc, zc], axis=1)
+        cam -= E[c, :, 3]
+        np.matmul(cam, E[c, :, :3], out=points[run, :3])  # R^T (x - t), row vectors
+    return torch.from_numpy(points)
+
+
+def _camera_ok(extrinsic: torch.Tensor, intrinsic: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool: the frame's camera can unproject (finite, fx and fy non-zero)."""
+    return (torch.isfinite(extrinsic).flatten(2).all(-1) & torch.isfinite(intrinsic).flatten(2).all(-1)
+            & (intrinsic[..., 0, 0] != 0) & (intrinsic[..., 1, 1] != 0))
+
+
+def make_sample(w: WindowFrames, world_frame: str, focal_depth: torch.Tensor, extrinsic: torch.Tensor,
+                intrinsic: torch.Tensor, points: torch.Tensor, quality: list[float]) -> Sample:
+    """One window's Sample from host tensors: focal depth [H, W], cameras [S, 3, 4] / [S, 3, 3],
+    points [N, 6], quality (QUALITY order + kept fraction, depth min, max). Copies what it keeps
+    of batch-wide tensors, so a sample never pins its batch."""
+    S = len(w.window.frame_indices)
+    q = quality
+    return Sample(
+        video=w.video,
+        frame_index=w.window.focal_frame,
+        timestamp=w.timestamps[S // 2],
+        fps=w.fps,
+        dilation=w.dilation,
+        window_frame_indices=list(w.window.frame_indices),
+        window_timestamps=list(w.timestamps),
+        world_frame=world_frame,
+        rgb=w.frames[S // 2].clone(),  # a copy frees the window's other frames now
+        depth=focal_depth.clone(),
+        extrinsic=extrinsic[S // 2].clone(),
+        intrinsic=intrinsic[S // 2].clone(),
+        window_extrinsics=extrinsic.clone(),
+        window_intrinsics=intrinsic.clone(),
+        points=points.clone(),  # clone: torch.save would otherwise write the whole batch
+        quality={"conf_p10": q[0], "conf_p50": q[1], "conf_p90": q[2],
+                 "kept_fraction": q[3], "depth_min": q[4], "depth_max": q[5]},
+    )
+
 
 def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Copy device tensors to the host: pinned buffers, non-blocking copies, one wait at the end."""
-    if not tensors or tensors[0].device.type != "cuda":
+    if all(t.device.type != "cuda" for t in tensors):
         return [t.cpu() for t in tensors]
     host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
     for h, t in zip(host, tensors):
@@ -380,47 +644,40 @@ def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return host
 
 
-def _percentile(values: torch.Tensor, percentile: float) -> float:
-    if percentile <= 0:
-        return float("-inf")
-    # k-th value works on any size and device (quantile refuses inputs over 16M elements)
-    k = max(1, min(values.numel(), int(round(values.numel() * percentile / 100))))
-    return _kth_smallest(values.float(), [k])[0].item()
+def _kth_smallest_np(values, k: int) -> float:
+    """values (float32 numpy, flat) -> its k-th smallest (1-based) exactly, as torch.kthvalue
+    (NaN last). A sorted strided sample brackets the answer, one pass counts the values below the
+    bracket, and numpy's selection runs on the few inside it; a missed bracket falls back to a
+    full selection."""
+    import numpy as np
+
+    n = values.size
+    if n < (1 << 15):
+        return float(np.partition(values, k - 1)[k - 1])
+    sample = np.sort(values[:: max(1, n >> 13)])  # about 8192 values
+    m = sample.size
+    margin = 2 * math.isqrt(m) + 8  # sample ranks: about 4 standard deviations
+    lo = sample[max(0, k * m // n - margin)]
+    hi = sample[min(m - 1, k * m // n + margin)]
+    below = int(np.count_nonzero(values < lo))
+    inside = values[(values >= lo) & (values <= hi)]
+    r = k - below
+    if 1 <= r <= inside.size:
+        return float(np.partition(inside, r - 1)[r - 1])
+    return float(np.partition(values, k - 1)[k - 1])
 
 
-def _kth_smallest(values: torch.Tensor, ks: list[int]) -> list[torch.Tensor]:
-    """[values.kthvalue(k).values for k in ks] (1-based, flat tensor), exactly, but ~3x faster on
-    the CPU for large inputs: a strided sample brackets each answer, one pass counts the values
-    below the bracket, and the selection runs on the few values inside it. When a bracket misses
-    (odd data) that k falls back to a full kthvalue. CUDA runs kthvalue as is."""
-    n = values.numel()
-    if values.device.type != "cpu" or n < (1 << 16):
-        return [values.kthvalue(k).values for k in ks]
-    sample = values[:: n >> 12].sort().values  # about 4096 values
-    m = sample.numel()
-    margin = 2 * math.isqrt(m) + 8  # sample ranks: ~4 standard deviations
-    found: dict[int, torch.Tensor] = {}
-    for k in sorted(set(ks)):
-        if k in found:
-            continue
-        group = [j for j in ks if k <= j <= k + 2]  # a quantile's two neighbouring ranks share a bracket
-        lo = sample[max(0, k * m // n - margin)]
-        hi = sample[min(m - 1, max(group) * m // n + margin)]
-        below = int((values < lo).sum())
-        inside = values[(values >= lo) & (values <= hi)]  # NaN is in neither: kthvalue sorts it last
-        for j in group:
-            r = j - below
-            found[j] = inside.kthvalue(r).values if 1 <= r <= inside.numel() else values.kthvalue(j).values
-    return [found[k] for k in ks]
+def _quantiles_np(values: torch.Tensor, q: tuple[float, ...]) -> torch.Tensor:
+    """[B, n] float (CPU) -> [B, len(q)] float32, torch.quantile's linear interpolation (NaN in a
+    row gives NaN, as there)."""
+    import numpy as np
 
-
-def _quantiles(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """torch.quantile(values, q) (linear interpolation, same float32 arithmetic), without sorting
-    all values on the CPU (a 152k-value sort cost 13 ms a window)."""
-    n = values.numel()
-    if values.device.type != "cpu" or n < (1 << 16) or bool(values.isnan().any()):
-        return torch.quantile(values, q)
-    ranks = q * (n - 1)
-    below, above = ranks.long(), ranks.ceil().long()
-    kth = _kth_smallest(values, [int(i) + 1 for i in below.tolist() + above.tolist()])
-    return torch.stack(kth[: len(q)]).lerp(torch.stack(kth[len(q):]), ranks - below)
+    x = values.float().numpy()
+    n = x.shape[1]
+    ranks = np.asarray(q, np.float64) * (n - 1)
+    below, above = np.floor(ranks).astype(np.int64), np.ceil(ranks).astype(np.int64)
+    part = np.partition(x, sorted(set(below.tolist() + above.tolist())), axis=1)
+    lo, hi = part[:, below], part[:, above]
+    out = lo + (hi - lo) * (ranks - below).astype(np.float32)
+    out[np.isnan(x).any(axis=1)] = np.nan
+    return torch.from_numpy(out.astype(np.float32))

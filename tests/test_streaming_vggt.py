@@ -691,3 +691,81 @@ def test_full_size_checkpoint_through_make_vggt(tmp_path):
     for k in keys[:: max(1, len(keys) // 40)] + keys[-3:]:
         assert loaded[k].shape == shapes[k][0]
         assert (loaded[k] == torch.tensor(values[k], dtype=loaded[k].dtype)).all(), k
+
+
+# ============================================================================= batch-wide post-processing, GPU paths
+
+
+@pytest.mark.parametrize("config", [
+    dict(conf_percentile=25, max_points=20_000),
+    dict(conf_percentile=0, max_points=ALL),
+    dict(conf_percentile=40, min_conf=2.0, max_points=777),
+    dict(conf_percentile=25, max_points=0),
+])
+def test_device_path_selects_the_same_points_as_the_host_path(scene_windows, config):
+    """The CUDA code path (static shapes, no host sync) run on the CPU gives the host path's
+    samples: same pixels, same order, same quality figures."""
+    host = GeometryStage(oracle_backend.make("cpu"), "cpu", GeometryConfig(**config))
+    device = GeometryStage(oracle_backend.make("cpu"), "cpu", GeometryConfig(**config))
+    device.select_points = device._select_on_device  # what CUDA runs
+    for a, b in zip(host(scene_windows), device(scene_windows)):
+        assert_samples_close(a, b, rtol=1e-6, atol=1e-5)
+        assert torch.equal(a.points[:, 3:], b.points[:, 3:])
+
+
+def test_post_processing_syncs_the_host_once_per_batch(scene_windows, monkeypatch):
+    """On CUDA the only waits are in _to_host (one per batch): the device path calls nothing that
+    reads a device value on the host (item, tolist, nonzero, bool(), int())."""
+    stage = GeometryStage(oracle_backend.make("cpu"), "cpu", GeometryConfig(conf_percentile=25, max_points=5_000))
+    out = stage.predict(torch.stack([w.frames for w in scene_windows]))
+    stage._keys(out["depth"][0].numel())  # the key table is built on the host once per window size
+    reads = []
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "numpy"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (reads.append(_n), _o(self, *a, **k))[1])
+    with torch.inference_mode():
+        selection = stage._select_on_device(out, [1, 2])
+        stage.assemble_points(out, selection)
+        quality = stage.quality_figures(out, selection)
+    monkeypatch.undo()
+    assert reads == [], reads
+    assert quality.shape == (2, 6)
+
+
+def test_prepare_vggt_changes_no_output_and_reads_no_position_maximum(monkeypatch):
+    """The RoPE table length comes from the patch grid (no int(positions.max()) host sync), and
+    layer outputs no head reads are dropped: outputs are bit-identical."""
+    pytest.importorskip("vggt")
+    import copy
+
+    net = tiny_network()
+    assert len(net.aggregator.frame_blocks) == 2
+    from tiny_vggt import tiny_vggt
+
+    net = tiny_vggt(depth=4)
+    net.depth_head.intermediate_layer_idx = [0, 1, 3, 3]  # layer 2 is read by no head
+    frames = torch.rand(2, 3, 3, 28 * 3, 28 * 4, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference = net(frames)
+        patched = streaming_vggt.prepare_vggt(copy.deepcopy(net))
+        lengths = []
+        table = patched.aggregator.rope._compute_frequency_components
+        patched.aggregator.rope._compute_frequency_components = lambda dim, n, *a: (lengths.append(n), table(dim, n, *a))[1]
+        monkeypatch.setattr(torch.Tensor, "max", lambda *a, **k: pytest.fail("positions.max() was called"))
+        out = patched(frames)
+        monkeypatch.undo()
+    for key in ("depth", "depth_conf", "pose_enc"):
+        assert torch.equal(reference[key], out[key]), key
+    assert set(lengths) == {4 + 1}  # a 3x4 patch grid, shifted by one for the special tokens
+
+
+def test_auto_batch_size_grows_with_memory_and_shrinks_with_the_window():
+    from streaming_vggt import AUTO_BATCH_MAX, auto_batch_size
+
+    gib = 2**30
+    assert auto_batch_size(5, 294, 518, 1 * gib) == 1  # never below one
+    assert auto_batch_size(5, 294, 518, 200 * gib) == AUTO_BATCH_MAX
+    h100 = auto_batch_size(5, 294, 518, 75 * gib)
+    assert 8 <= h100 <= AUTO_BATCH_MAX
+    assert auto_batch_size(15, 294, 518, 75 * gib) < h100 and auto_batch_size(5, 518, 518, 75 * gib) < h100
+    assert auto_batch_size(5, 294, 518, 20 * gib) < auto_batch_size(5, 294, 518, 40 * gib)
