@@ -763,7 +763,7 @@ def test_auto_batch_size_grows_with_memory_and_shrinks_with_the_window():
     gib = 2**30
     assert auto_batch_size(5, 294, 518, 1 * gib) == 1  # never below one
     assert auto_batch_size(5, 294, 518, 200 * gib) == AUTO_BATCH_MAX
-    h100 = auto_batch_size(5, 294, 518, 75 * gib)
+    h100 = auto_batch_size(5, 294, 518, 40 * gib)
     assert 8 <= h100 <= AUTO_BATCH_MAX
-    assert auto_batch_size(15, 294, 518, 75 * gib) < h100 and auto_batch_size(5, 518, 518, 75 * gib) < h100
+    assert auto_batch_size(15, 294, 518, 40 * gib) < h100 and auto_batch_size(5, 518, 518, 40 * gib) < h100
     assert auto_batch_size(5, 294, 518, 20 * gib) < auto_batch_size(5, 294, 518, 40 * gib)
