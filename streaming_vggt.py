@@ -625,15 +625,22 @@ def make_sample(w: WindowFrames, world_frame: str, focal_depth: torch.Tensor, ex
         window_timestamps=list(w.timestamps),
         world_frame=world_frame,
         rgb=w.frames[S // 2].clone(),  # a copy frees the window's other frames now
-        depth=focal_depth.clone(),
+        depth=_own(focal_depth),
         extrinsic=extrinsic[S // 2].clone(),
         intrinsic=intrinsic[S // 2].clone(),
-        window_extrinsics=extrinsic.clone(),
-        window_intrinsics=intrinsic.clone(),
-        points=points.clone(),  # clone: torch.save would otherwise write the whole batch
+        window_extrinsics=_own(extrinsic),
+        window_intrinsics=_own(intrinsic),
+        points=_own(points),  # torch.save would otherwise write the whole batch
         quality={"conf_p10": q[0], "conf_p50": q[1], "conf_p90": q[2],
                  "kept_fraction": q[3], "depth_min": q[4], "depth_max": q[5]},
     )
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """t itself when it is all of its storage (a batch of one), else a copy of just t."""
+    if t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone()
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
