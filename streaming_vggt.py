@@ -260,7 +260,8 @@ def as_4x4(extrinsic: torch.Tensor) -> torch.Tensor:
 def rebase_extrinsics(extrinsic: torch.Tensor, anchor: int) -> torch.Tensor:
     """[B,S,3,4] world-to-camera -> same cameras with world = camera `anchor` (E_i @ E_anchor^-1)."""
     full = as_4x4(extrinsic.double())
-    return (full @ torch.linalg.inv(full[:, anchor : anchor + 1]))[..., :3, :].float()
+    # inv_ex: linalg.inv checks for singular input on the host, a sync per batch on CUDA
+    return (full @ torch.linalg.inv_ex(full[:, anchor : anchor + 1]).inverse)[..., :3, :].float()
 
 
 def unproject_points(depth: torch.Tensor, u: torch.Tensor, v: torch.Tensor, extrinsic: torch.Tensor,
@@ -349,7 +350,7 @@ class GeometryStage:
         # convert and divide in place, strides kept): uint8.div(255) in one go was 7x slower on the CPU.
         x = torch.stack([on_device[:, i] for i in order], dim=1).permute(0, 1, 4, 2, 3).float().div_(255)
         out = self.model(x)
-        back = torch.tensor([order.index(i) for i in range(S)], device=x.device)  # model order -> time order
+        back = _upload([order.index(i) for i in range(S)], x.device)  # model order -> time order
         out = {k: out[k].index_select(1, back).float() for k in ("depth", "depth_conf", "extrinsic", "intrinsic")}
         anchor = 0 if self.config.world_frame == "first" else S // 2
         out["extrinsic"] = rebase_extrinsics(out["extrinsic"], anchor)
@@ -453,7 +454,7 @@ class GeometryStage:
         if K == N:  # no cap: every valid pixel, in order
             index = torch.where(valid, pixel, N).sort(dim=1).values
         else:
-            key = self._keys(N).keys(torch.tensor(seeds, device=dev, dtype=torch.int64), dev)  # [B, N]
+            key = self._keys(N).keys(_upload(seeds, dev), dev)  # [B, N]
             key = torch.where(valid, key, key + N)  # invalid pixels after every valid one
             smallest, at = key.topk(K, dim=1, largest=False, sorted=False)
             index = torch.where(smallest < N, at, N).sort(dim=1).values
@@ -492,9 +493,14 @@ class GeometryStage:
         focal_conf = conf[:, S // 2].reshape(B, -1)[:, ::QUALITY_STRIDE]
         if selection.padded is None:  # the host path
             conf_q = _quantiles_np(focal_conf, QUALITY_QUANTILES)
-        else:
-            conf_q = torch.quantile(focal_conf.float(), torch.tensor(QUALITY_QUANTILES, device=focal_conf.device),
-                                    dim=1).T
+        else:  # torch.quantile checks q on the host (a sync): the same interpolation from a sort
+            ranks = [q * (focal_conf.shape[1] - 1) for q in QUALITY_QUANTILES]
+            ordered = focal_conf.float().sort(dim=1).values
+            low_q = torch.stack([ordered[:, math.floor(r)] for r in ranks], dim=1)  # plain indexing: no
+            high_q = torch.stack([ordered[:, math.ceil(r)] for r in ranks], dim=1)  # index tensor to upload
+            weight = _upload([r - math.floor(r) for r in ranks], ordered.device, torch.float32)
+            conf_q = low_q + (high_q - low_q) * weight
+            conf_q = torch.where(focal_conf.isnan().any(1, keepdim=True), float("nan"), conf_q)
         low, high = torch.aminmax(depth[:, S // 2].reshape(B, -1), dim=1)
         kept = selection.kept_fraction.to(conf_q.device)
         return torch.cat([conf_q.double(), kept[:, None], low.double()[:, None], high.double()[:, None]], dim=1)
@@ -619,6 +625,13 @@ def make_sample(w: WindowFrames, world_frame: str, focal_depth: torch.Tensor, ex
         quality={"conf_p10": q[0], "conf_p50": q[1], "conf_p90": q[2],
                  "kept_fraction": q[3], "depth_min": q[4], "depth_max": q[5]},
     )
+
+
+def _upload(values: list, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A tensor of `values` on `device`; on CUDA through pinned memory, so the copy makes the host
+    wait for nothing (a plain torch.tensor(..., device=cuda) copy does)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
