@@ -624,7 +624,11 @@ def make_sample(w: WindowFrames, world_frame: str, focal_depth: torch.Tensor, ex
         points=_own(points),  # torch.save would otherwise write the whole batch
         quality={"conf_p10": q[0], "conf_p50": q[1], "conf_p90": q[2],
                  "kept_fraction": q[3], "depth_min": q[4], "depth_max": q[5]},
+        **{name: getattr(w, name) for name in SHOT_FIELDS if hasattr(w, name) and name in Sample.__dataclass_fields__},
     )
+
+
+SHOT_FIELDS = ("shot_index", "shot_first_frame", "shot_last_frame")  # WindowFrames -> Sample, once both have them
 
 
 def _upload(values: list, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
