@@ -286,10 +286,10 @@ def generate_clip(path: str, width: int, height: int, frames: int, fps: int = 30
     base = (F.interpolate(noise, size=(height + 256, width + 384), mode="bilinear")[0] * 255).to(torch.uint8)
     base = base.permute(1, 2, 0).contiguous().numpy()
     for codec, options in (("libx264", {"preset": "ultrafast", "crf": "23"}), ("mpeg4", {"qscale": "3"})):
+        container = av.open(path, "w")
         try:
-            container = av.open(path, "w")
             stream = container.add_stream(codec, rate=fps)
-        except Exception:
+        except Exception:  # this PyAV build lacks the encoder: try the next one
             container.close()
             continue
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"

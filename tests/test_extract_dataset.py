@@ -491,7 +491,9 @@ def test_kill_driver_then_rerun(tmp_path, clips, moment):
     threshold = {"first_sample": 1, "mid_run": rng.randint(total // 4, 3 * total // 4)}.get(moment)
     extra_delay = rng.uniform(0, 0.3)
 
-    first = Tool(args, tmp_path / "killed")
+    # A model delay keeps the killed run going past its first finished video: the pipeline is now
+    # fast enough with the oracle model that every sample could be written before the kill lands.
+    first = Tool(args, tmp_path / "killed", env=tool_env(ORACLE_DELAY="0.1"))
     try:
         deadline = time.monotonic() + 180
         while True:
