@@ -464,6 +464,9 @@ def replace_worker(ray, actors: dict, rank: int, error: BaseException, old_pid: 
 
 
 def dry_run(videos: list[str], args, status: dict[str, dict]) -> int:
+    """The windows each video gives. Frame counts are the decoder's: the container's own count where
+    its index is trusted (MP4/MOV/MKV/WebM with unique timestamps), else counted by decoding the
+    video (no colour conversion), so the total is what a run writes for every file that decodes."""
     from frames import DecodeError, FrameSource
     from pipeline import WindowSettings
     from window import num_windows
@@ -476,14 +479,18 @@ def dry_run(videos: list[str], args, status: dict[str, dict]) -> int:
             print(f"{'done':>8} {'':>8} {'':>7} {'':>4}  {video}")
             continue
         try:
-            info = FrameSource(video, args.resize_mode).info
+            source = FrameSource(video, args.resize_mode)
+            info = source.info
+            num_frames = source.count_frames()
         except DecodeError as e:
             print(f"{'failed':>8} {'':>8} {'':>7} {'':>4}  {video}: {e}")
             continue
         dilation = settings.dilation_for(info.fps)
-        count = num_windows(info.num_frames, args.kernel, args.stride, dilation)
+        count = num_windows(num_frames, args.kernel, args.stride, dilation)
         total += count
-        print(f"{count:8d} {info.num_frames:8d} {info.fps:7.2f} {dilation:4d}  {video}")
+        print(f"{count:8d} {num_frames:8d} {info.fps:7.2f} {dilation:4d}  {video}")
+    if getattr(args, "not_videos", None):
+        print(args.not_videos)
     print(f"total: {total} samples from {len(videos)} videos")
     return 0
 
