@@ -129,6 +129,7 @@ INDEXED_FORMATS = ("mov", "matroska")
 
 @dataclass
 class _Probe:
+    stream: int  # index of the video stream decoded (the one the ffmpeg program picks)
     packets: int  # non-empty packets not marked discard: the container's frame count
     fps: float
     time_base: float
@@ -343,7 +344,7 @@ class FrameSource:
 
         try:
             self._container = av.open(self.path)
-            stream = self._container.streams.video[0]
+            stream = self._container.streams[self._probe.stream]
             stream.thread_type = "AUTO"
             stream.thread_count = self._num_threads
             self._decoder = self._container.decode(stream)
@@ -353,7 +354,7 @@ class FrameSource:
 
     def _seek(self, pts: int) -> None:
         """Decode from the keyframe at or before `pts` (the frame that comes out is checked)."""
-        stream = self._container.streams.video[0]
+        stream = self._container.streams[self._probe.stream]
         try:
             self._container.seek(pts, stream=stream, backward=True)
         except Exception as e:
@@ -420,15 +421,26 @@ class _ToRGB:
         return self._graph.pull().to_ndarray()
 
 
+def _video_stream(container):
+    """The video stream the ffmpeg program picks by default: the largest picture, skipping cover art
+    (attached pictures); the first of equals."""
+    import av
+
+    streams = [s for s in container.streams.video
+               if not (s.disposition & av.stream.Disposition.attached_pic)] or list(container.streams.video)
+    if not streams:
+        raise DecodeError("file has no video stream")
+    return max(streams, key=lambda s: (s.codec_context.width or 0) * (s.codec_context.height or 0))
+
+
 def _probe(path: str) -> _Probe:
     """One demux pass (no decoding) for the packet count, timestamps and keyframes, then the first
     frame decoded for its upright size."""
     import av
 
     with av.open(path) as container:
-        if not container.streams.video:
-            raise DecodeError("file has no video stream")
-        stream = container.streams.video[0]
+        stream = _video_stream(container)
+        stream_index = stream.index
         rate = stream.average_rate or stream.guessed_rate
         fps = float(rate) if rate else float("nan")
         time_base = float(stream.time_base) if stream.time_base else float("nan")
@@ -447,8 +459,10 @@ def _probe(path: str) -> _Probe:
         rank = {p: i for i, p in enumerate(sorted_pts)}
         keys = sorted({0} | {rank[p] for p, key in packets if key})
         raw = (np.asarray(sorted_pts, dtype=np.float64) - start) * time_base
+    if not (fps > 0 and math.isfinite(fps)) and sorted_pts is not None and len(sorted_pts) > 1:
+        fps = (len(sorted_pts) - 1) / ((sorted_pts[-1] - sorted_pts[0]) * time_base)  # no rate given: from the pts
     with av.open(path) as container:
-        first = next(container.decode(container.streams.video[0]), None)
+        first = next(container.decode(container.streams[stream_index]), None)
     if first is None:
         raise DecodeError("no frame of the video can be decoded")
     indexed = (format_name in INDEXED_FORMATS and sorted_pts is not None and first.pts == sorted_pts[0]
@@ -456,7 +470,7 @@ def _probe(path: str) -> _Probe:
     # PyAV's rotation: counter-clockwise degrees from the display matrix (phone videos)
     turns = round((getattr(first, "rotation", 0) or 0) / 90) % 4
     width, height = (first.height, first.width) if turns % 2 else (first.width, first.height)
-    return _Probe(len(packets), fps, time_base, start, sorted_pts if indexed else None, keys if indexed else [0],
+    return _Probe(stream_index, len(packets), fps, time_base, start, sorted_pts if indexed else None, keys if indexed else [0],
                   indexed, raw, width, height, turns)
 
 
