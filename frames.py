@@ -137,6 +137,7 @@ class _Probe:
     sorted_pts: list[int] | None  # packet pts in presentation order (None: missing or duplicated)
     keys: list[int]  # indices (in sorted_pts) of keyframes, always starting with 0
     indexed: bool  # seeks can land exactly and `packets` is the decoded count (see INDEXED_FORMATS)
+    damaged: bool  # the demuxer flagged a packet corrupt (e.g. the partial last packet of a cut file)
     raw_times: np.ndarray
     width: int
     height: int
@@ -190,7 +191,7 @@ class FrameSource:
         self._rank = {p: i for i, p in enumerate(probe.sorted_pts)} if probe.indexed else None
         _, from_container = _clean_timestamps(probe.raw_times, probe.fps)
         self.info = VideoInfo(path, probe.packets, probe.fps, probe.width, probe.height, from_container,
-                              probe.indexed)
+                              probe.indexed and not probe.damaged)
         self.grid = model_grid(probe.width, probe.height, resize_mode)
         self.frames_decoded = 0
         self.num_frames: int | None = None
@@ -282,7 +283,7 @@ class FrameSource:
                 if next_index is None:  # a seek found nothing: count from the start instead
                     seekable, next_index, from_start, last_time = self._fall_back()
                     continue
-                if probe.indexed and next_index < probe.packets:  # its index lists frames that never came
+                if probe.indexed and probe.damaged and next_index < probe.packets:  # a truncated download
                     raise DecodeError(f"video ended after {next_index} of the {probe.packets} frames its index "
                                       f"lists (a truncated or damaged file)")
                 self.num_frames = next_index
@@ -382,6 +383,10 @@ class FrameSource:
                     count += 1
             finally:
                 self._stop()
+            probe = self._probe
+            if probe.indexed and probe.damaged and count < probe.packets:
+                raise DecodeError(f"video ended after {count} of the {probe.packets} frames its index lists "
+                                  f"(a truncated or damaged file)")
             self.num_frames = count
         return self.num_frames
 
@@ -448,8 +453,11 @@ def _probe(path: str) -> _Probe:
         format_name = container.format.name.split(",")[0]
         # discarded packets (an edit list cutting into a GOP, e.g. a clip trimmed by stream copy)
         # are decoded for reference only and never shown: not frames of the video
-        packets = [(p.pts, p.is_keyframe) for p in container.demux(stream)
-                   if p.size > 0 and not getattr(p, "is_discard", False)]
+        packets, damaged = [], False
+        for p in container.demux(stream):
+            damaged = damaged or p.is_corrupt
+            if p.size > 0 and not p.is_discard:
+                packets.append((p.pts, p.is_keyframe))
     if not packets:
         raise DecodeError("video has no frames")
     pts = [p for p, _ in packets]
@@ -471,7 +479,7 @@ def _probe(path: str) -> _Probe:
     turns = round((getattr(first, "rotation", 0) or 0) / 90) % 4
     width, height = (first.height, first.width) if turns % 2 else (first.width, first.height)
     return _Probe(stream_index, len(packets), fps, time_base, start, sorted_pts if indexed else None, keys if indexed else [0],
-                  indexed, raw, width, height, turns)
+                  indexed, damaged, raw, width, height, turns)
 
 
 def _one_line(error: BaseException) -> str:

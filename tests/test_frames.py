@@ -485,3 +485,24 @@ def test_a_seek_that_cannot_be_verified_decodes_from_the_start(clip, clip_refere
         for frame, index in zip(w.frames, w.window.frame_indices):
             assert torch.equal(frame, clip_reference[index])
     assert source.frames_decoded == len(window.needed_frames(64, 3, 1, 1, after))
+
+
+def test_a_truncated_download_keeps_the_windows_before_the_damage(tmp_path):
+    """An mp4 cut short (index at the front, data missing at the end): the windows before the damage
+    come out with the right frames, then DecodeError says the file is damaged (the run records the
+    video failed; a rerun retries it). --dry-run's count decodes it and fails the same way."""
+    full = videos.write_mp4(tmp_path / "full.mp4", num_frames=48, faststart=True)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(full.read_bytes()[: int(full.stat().st_size * 0.6)])
+    reference = {w.window.focal_frame: w.frames for w in FrameSource(str(full)).windows(3, 1, 1)}
+    source = FrameSource(str(cut))
+    assert not source.info.count_exact
+    got = []
+    with pytest.raises(frames.DecodeError, match="truncated or damaged"):
+        for w in source.windows(3, 1, 1):
+            got.append(w)
+    assert len(got) >= 10
+    assert [w.window.focal_frame for w in got] == list(range(1, len(got) + 1))
+    assert all(torch.equal(w.frames, reference[w.window.focal_frame]) for w in got)
+    with pytest.raises(frames.DecodeError):
+        FrameSource(str(cut)).count_frames()
