@@ -562,7 +562,9 @@ def test_worker_process_dies_and_is_replaced(tmp_path, clips):
     events = [json.loads(line) for line in log.read_text().splitlines()]
     exits = [e["exit_at_frame"] for e in events if "exit_at_frame" in e]
     assert exits.count(1012) == 1 and exits.count(2012) >= 2, exits
-    assert len({e["pid"] for e in events}) >= 1 + len(exits), "dead workers were not replaced"
+    # Every exit is a distinct process, more than the 2 first workers: they were replaced. (A last
+    # replacement that got no window left logs no call, so "exits + 1" processes is not certain.)
+    assert len({e["pid"] for e in events}) >= max(len(exits), 3), "dead workers were not replaced"
     assert f"failed: {always}: worker died 2 times" in result.stderr
     assert "videos: 3 done, 0 too short for one window, 1 failed" in result.stderr
 
