@@ -62,6 +62,9 @@ class WindowFrames:
     frames: torch.Tensor  # uint8 [S, H, W, 3], model grid, RGB
     timestamps: tuple[float, ...]  # seconds, one per frame, time order
     fps: float
+    shot_index: int = 0  # the shot's index in the video (0 with --shots off)
+    shot_first_frame: int = 0  # first frame of the shot, inclusive
+    shot_last_frame: int = -1  # last frame of the shot, inclusive; -1: the shot had not ended yet
 
 
 def model_grid(width: int, height: int, mode: str = "crop") -> Grid:
@@ -199,6 +202,103 @@ class FrameSource:
                     del kept[i]
         finally:
             self._stop()
+
+    def shot_windows(self, kernel: int, stride: int, dilation: int, detector, after_focal: int = -1
+                     ) -> Iterator[WindowFrames]:
+        """Windows of each shot (shots.ShotDetector finds them while the video decodes), each shot
+        treated like a video of its own (window.shot_windows); increasing focal order.
+
+        Every frame is decoded (no seeking past unneeded stretches: the detector needs them all) and
+        its small copy goes to the detector. A frame's shot is known only `detector`'s lookahead
+        (about 80 frames) after it decoded, so frames that a window may need are kept on the model
+        grid until then: memory is bounded by lookahead + one window span, never by video length.
+        After the loop, `self.shots` holds the video's shots. Windows with focal <= after_focal
+        (resume) are skipped; the detector still sees every frame, so shots are the same."""
+        from shots import small_copy, upright_small
+        from window import shot_windows
+
+        half_span = (kernel // 2) * dilation
+        kept: dict[int, torch.Tensor] = {}  # frame index -> uint8 [H, W, 3] on the model grid
+        batch: list[tuple[int, np.ndarray]] = []  # decoded, not yet resized (READ_CHUNK at a time)
+        emitted: dict[int, int] = {}  # shot first frame -> last focal handed out
+        self.shots = []
+        self.max_frames_held = 0  # model-grid frames held at once (memory check in tests)
+
+        done = 0  # shots before this one have handed out all their windows
+
+        def ready() -> Iterator[WindowFrames]:
+            nonlocal done
+            spans = [(s.first_frame, s.last_frame, s.index, s.last_frame) for s in detector.shots[done:]]
+            if detector.open_shot is not None:
+                spans.append((detector.open_shot, detector.final_upto - 1, len(detector.shots), -1))
+            for first, last, index, known_last in spans:
+                after = max(after_focal, emitted.get(first, -1))
+                for window in shot_windows(first, last, kernel, stride, dilation, after):
+                    emitted[first] = window.focal_frame
+                    yield WindowFrames(
+                        video=self.path, window=window, dilation=dilation,
+                        frames=torch.stack([kept[i] for i in window.frame_indices]),
+                        timestamps=tuple(self._timestamps[i] for i in window.frame_indices),
+                        fps=self.info.fps, shot_index=index, shot_first_frame=first, shot_last_frame=known_last)
+                if known_last >= 0:
+                    done = index + 1
+                    emitted.pop(first, None)
+            # frames no later window can need: before the fate frontier and before the open shot's next window
+            keep_from = detector.final_upto
+            if detector.open_shot is not None:
+                keep_from = min(keep_from, max(detector.open_shot, emitted.get(detector.open_shot, -1) + stride - half_span))
+            self.max_frames_held = max(self.max_frames_held, len(kept) + len(batch))
+            for i in [i for i in kept if i < keep_from]:
+                del kept[i]
+
+        def flush() -> None:
+            if batch:
+                frames = torch.from_numpy(np.stack([rgb for _, rgb in batch]))
+                for (i, _), frame in zip(batch, to_model_grid(frames, self.grid)):
+                    kept[i] = frame
+                batch.clear()
+
+        try:
+            for i, frame in self._every_frame():
+                detector.push(upright_small(small_copy(frame), self._turns))
+                if i + half_span > after_focal:  # a window still to write may use this frame
+                    rgb = frame.to_ndarray(format="rgb24")
+                    batch.append((i, np.ascontiguousarray(np.rot90(rgb, k=self._turns)) if self._turns else rgb))
+                    self.frames_decoded += 1
+                    if len(batch) >= READ_CHUNK:
+                        flush()
+                if detector.final_upto > min([j for j, _ in batch], default=i + 1):
+                    flush()  # a window may be ready that needs frames still in the batch
+                yield from ready()
+            detector.finish()
+            flush()
+            yield from ready()
+            self.shots = list(detector.shots)
+        finally:
+            self._stop()
+
+    def _every_frame(self):
+        """(index, av.VideoFrame) of every frame in order, from the start, no seeking."""
+        try:
+            self._start(0)
+            expected = 0
+            while True:
+                frame = next(self._decoder, None)
+                if frame is None:
+                    break
+                i = self._index_of(frame)
+                if i is None or i < expected:
+                    continue
+                if i > expected:
+                    raise DecodeError(f"frame {expected} is missing from the decoded stream")
+                expected += 1
+                yield i, frame
+        except DecodeError:
+            raise
+        except Exception as e:  # av.FFmpegError from a corrupt or truncated file
+            raise DecodeError(f"cannot decode frame {expected}: {_one_line(e)}") from e
+        if expected < self.info.num_frames:
+            raise DecodeError(f"video ended before frame {expected} of the {self.info.num_frames} it lists")
 
     def _decode_into(self, indices: list[int], kept: dict[int, torch.Tensor]) -> None:
         for at in range(0, len(indices), READ_CHUNK):

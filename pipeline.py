@@ -22,7 +22,7 @@ import torch
 from frames import DecodeError, FrameSource, WindowFrames
 from sharded_writer import ShardedWriter
 from streaming_vggt import GeometryStage, Sample
-from window import dilation_for_seconds, num_windows
+from window import dilation_for_seconds, num_shot_windows, num_windows
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class WindowSettings:
     dilation: int = 1
     window_seconds: float | None = None  # when set, dilation comes from each video's fps
     resize_mode: str = "crop"
+    shots: str = "off"  # "detect": windows restart in every shot (shots.py); "off": the plain convolution
 
     def dilation_for(self, fps: float) -> int:
         if self.window_seconds is None:
@@ -65,6 +66,8 @@ class VideoResult:
     num_frames: int = 0
     fps: float = 0.0
     dilation: int = 0
+    shots: list[list[int]] = field(default_factory=list)  # [[first, last], ...] inclusive; gaps: transitions
+    windows_removed_by_cuts: int = 0  # windows of the plain convolution that shot detection removed
 
 
 class Stats:
@@ -96,8 +99,16 @@ class Pipeline:
     """Feed it VideoTasks with submit(); poll() returns what happened since the last poll."""
 
     def __init__(self, stage: GeometryStage, writer: ShardedWriter, settings: WindowSettings,
-                 batch_size: int = 4, prefetch_windows: int = 16, stats: Stats | None = None):
+                 batch_size: int = 4, prefetch_windows: int = 16, stats: Stats | None = None,
+                 shot_model=None):
         self.stage, self.writer, self.settings = stage, writer, settings
+        if settings.shots not in ("detect", "off"):
+            raise ValueError(f"shots must be 'detect' or 'off', got {settings.shots!r}")
+        if settings.shots == "detect" and shot_model is None:
+            from shots import load_transnetv2
+
+            shot_model = load_transnetv2("cpu")
+        self.shot_model = shot_model  # TransNetV2 on the worker's device (shots.load_transnetv2)
         self.batch_size = batch_size
         self.stats = stats or Stats()
         if hasattr(stage, "stats"):  # GeometryStage splits its time into forward / post-processing
@@ -191,12 +202,16 @@ class Pipeline:
             self._windows.put(VideoStart(task.video, info.num_frames, info.fps, dilation, result.windows, todo))
             if result.windows == 0:
                 result.status = "no_windows"
-            started = time.perf_counter()
-            for window in source.windows(s.kernel, s.stride, dilation, after):
-                self.stats.stat_update("decode_seconds", time.perf_counter() - started)
-                self.stats.stat_update("windows_decoded")
-                self._put(self._windows, window, "decode_blocked_seconds")
+            if s.shots == "detect" and result.windows:
+                self._decode_shots(source, task, result, dilation, after)
+            else:
+                result.shots = [[0, info.num_frames - 1]] if info.num_frames else []
                 started = time.perf_counter()
+                for window in source.windows(s.kernel, s.stride, dilation, after):
+                    self.stats.stat_update("decode_seconds", time.perf_counter() - started)
+                    self.stats.stat_update("windows_decoded")
+                    self._put(self._windows, window, "decode_blocked_seconds")
+                    started = time.perf_counter()
             self.stats.stat_update("frames_decoded", source.frames_decoded)
             source.close()
         except (DecodeError, ValueError, OSError) as e:
@@ -204,6 +219,36 @@ class Pipeline:
         except Exception as e:  # anything else this one file provokes fails it, not the worker
             result.status, result.reason = "failed", f"{type(e).__name__}: {str(e).strip()[:300]}"
         self._windows.put(result)
+
+    def _decode_shots(self, source: FrameSource, task: VideoTask, result: VideoResult, dilation: int,
+                      after: int) -> None:
+        """Windows restarted in every shot the detector finds while the video decodes (the whole
+        video is decoded, also on resume, so shots and windows are the same as in one go)."""
+        from shots import ShotDetector
+
+        s = self.settings
+        detector = ShotDetector(self.shot_model)
+        started = time.perf_counter()
+        detect_before = 0.0
+        for window in source.shot_windows(s.kernel, s.stride, dilation, detector, after):
+            detect_now = detector.scorer.seconds
+            self.stats.stat_update("decode_seconds", time.perf_counter() - started - (detect_now - detect_before))
+            self.stats.stat_update("detect_seconds", detect_now - detect_before)
+            detect_before = detect_now
+            self.stats.stat_update("windows_decoded")
+            self._put(self._windows, window, "decode_blocked_seconds")
+            started = time.perf_counter()
+        detect_now = detector.scorer.seconds
+        self.stats.stat_update("decode_seconds", time.perf_counter() - started - (detect_now - detect_before))
+        self.stats.stat_update("detect_seconds", detect_now - detect_before)
+        self.stats.stat_update("frames_detected", detector.frames_pushed)
+        result.shots = [[shot.first_frame, shot.last_frame] for shot in source.shots]
+        plain = result.windows
+        result.windows = sum(num_shot_windows(a, b, s.kernel, s.stride, dilation) for a, b in result.shots)
+        result.windows_removed_by_cuts = plain - result.windows
+        self.stats.stat_update("windows_removed_by_cuts", result.windows_removed_by_cuts)
+        if result.windows == 0:
+            result.status, result.reason = "no_windows", "every shot is shorter than one window"
 
     # ------------------------------------------------------------------ stage 2: model
 

