@@ -49,11 +49,11 @@ class VideoTask:
 @dataclass
 class VideoStart:
     video: str
-    num_frames: int
+    num_frames: int  # the container's count: an estimate (the decoded count is in VideoResult)
     fps: float
     dilation: int
-    windows: int  # windows of the whole video
-    windows_todo: int  # after resuming
+    windows: int  # windows of the whole video, estimated from num_frames
+    windows_todo: int  # after resuming, estimated
 
 
 @dataclass
@@ -62,8 +62,8 @@ class VideoResult:
     status: str  # "done" | "no_windows" | "failed"
     reason: str = ""
     samples: int = 0  # written in this attempt
-    windows: int = 0
-    num_frames: int = 0
+    windows: int = 0  # windows of the whole video, from the decoded count
+    num_frames: int = 0  # decoded frames (the container's estimate if decoding failed before the end)
     fps: float = 0.0
     dilation: int = 0
     shots: list[list[int]] = field(default_factory=list)  # [[first, last], ...] inclusive; gaps: transitions
@@ -196,16 +196,14 @@ class Pipeline:
             info = source.info
             dilation = s.dilation_for(info.fps)
             result.num_frames, result.fps, result.dilation = info.num_frames, info.fps, dilation
-            result.windows = num_windows(info.num_frames, s.kernel, s.stride, dilation)
             after = max(task.after_focal, self.writer.last_focal.get(task.video, -1))
+            # the container's count is an estimate (progress); the decoded count decides, at the end
+            estimate = num_windows(info.num_frames, s.kernel, s.stride, dilation)
             todo = num_windows(info.num_frames, s.kernel, s.stride, dilation, after)
-            self._windows.put(VideoStart(task.video, info.num_frames, info.fps, dilation, result.windows, todo))
-            if result.windows == 0:
-                result.status = "no_windows"
-            if s.shots == "detect" and result.windows:
-                self._decode_shots(source, task, result, dilation, after)
+            self._windows.put(VideoStart(task.video, info.num_frames, info.fps, dilation, estimate, todo))
+            if s.shots == "detect":
+                self._decode_shots(source, dilation, after)
             else:
-                result.shots = [[0, info.num_frames - 1]] if info.num_frames else []
                 started = time.perf_counter()
                 for window in source.windows(s.kernel, s.stride, dilation, after):
                     self.stats.stat_update("decode_seconds", time.perf_counter() - started)
@@ -213,6 +211,11 @@ class Pipeline:
                     self._put(self._windows, window, "decode_blocked_seconds")
                     started = time.perf_counter()
             self.stats.stat_update("frames_decoded", source.frames_decoded)
+            result.num_frames = source.num_frames  # decoded: frame i is the decoder's i-th frame
+            result.windows = num_windows(source.num_frames, s.kernel, s.stride, dilation)
+            self._record_shots(source, result, dilation)
+            if result.windows == 0:
+                result.status = "no_windows"
             source.close()
         except (DecodeError, ValueError, OSError) as e:
             result.status, result.reason = "failed", str(e)
@@ -220,8 +223,7 @@ class Pipeline:
             result.status, result.reason = "failed", f"{type(e).__name__}: {str(e).strip()[:300]}"
         self._windows.put(result)
 
-    def _decode_shots(self, source: FrameSource, task: VideoTask, result: VideoResult, dilation: int,
-                      after: int) -> None:
+    def _decode_shots(self, source: FrameSource, dilation: int, after: int) -> None:
         """Windows restarted in every shot the detector finds while the video decodes (the whole
         video is decoded, also on resume, so shots and windows are the same as in one go)."""
         from shots import ShotDetector
@@ -242,13 +244,21 @@ class Pipeline:
         self.stats.stat_update("decode_seconds", time.perf_counter() - started - (detect_now - detect_before))
         self.stats.stat_update("detect_seconds", detect_now - detect_before)
         self.stats.stat_update("frames_detected", detector.frames_pushed)
+
+    def _record_shots(self, source: FrameSource, result: VideoResult, dilation: int) -> None:
+        """result.shots, and with --shots detect the windows the shots hold and those cuts removed
+        (result.windows comes in as the plain convolution's count over the decoded frames)."""
+        s = self.settings
+        if s.shots != "detect":
+            result.shots = [[0, source.num_frames - 1]] if source.num_frames else []
+            return
         result.shots = [[shot.first_frame, shot.last_frame] for shot in source.shots]
         plain = result.windows
         result.windows = sum(num_shot_windows(a, b, s.kernel, s.stride, dilation) for a, b in result.shots)
         result.windows_removed_by_cuts = plain - result.windows
         self.stats.stat_update("windows_removed_by_cuts", result.windows_removed_by_cuts)
-        if result.windows == 0:
-            result.status, result.reason = "no_windows", "every shot is shorter than one window"
+        if plain and not result.windows:
+            result.reason = "every shot is shorter than one window"
 
     # ------------------------------------------------------------------ stage 2: model
 
