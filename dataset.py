@@ -62,6 +62,11 @@ class VGGTDataset(torch.utils.data.Dataset):
         conf_p10/p50/p90, depth_min/max, num_points, height, width, ...) -> keep it or not.
     min_kept_fraction, min_conf_p50, min_points, videos: the common filters as keywords
         (a record without the key is dropped); all given filters must pass.
+    min_shot_frames: keep samples whose shot (--shots detect) holds at least this many frames;
+    min_cut_distance: keep samples whose window stays at least this many frames away from both
+        ends of its shot (its cuts or transitions). Both read the shot's final boundaries from
+        OUT/videos.jsonl (a sample written while its shot was still going on records
+        shot_last_frame -1); a sample whose shot is not known there is dropped.
     """
 
     def __init__(self, root: str, *, num_points: int | None = None, seed: int | None = None,
@@ -69,7 +74,8 @@ class VGGTDataset(torch.utils.data.Dataset):
                  filter: Callable[[dict], bool] | None = None,
                  min_kept_fraction: float | None = None, min_conf_p50: float | None = None,
                  min_points: int | None = None, videos: Iterable[str] | None = None,
-                 ranks: Iterable[int] | None = None):
+                 ranks: Iterable[int] | None = None, min_shot_frames: int | None = None,
+                 min_cut_distance: int | None = None):
         if rgb not in ("float", "uint8"):
             raise ValueError(f"rgb must be 'float' or 'uint8', got {rgb!r}")
         if num_points is not None and num_points < 1:
@@ -88,6 +94,8 @@ class VGGTDataset(torch.utils.data.Dataset):
         if videos is not None:
             wanted = set(videos)
             tests.append(lambda r: r.get("video") in wanted)
+        if min_shot_frames is not None or min_cut_distance is not None:
+            tests.append(_shot_filter(root, min_shot_frames or 0, min_cut_distance or 0))
         if filter is not None:
             tests.append(filter)
 
@@ -210,6 +218,28 @@ class VGGTDataset(torch.utils.data.Dataset):
         state = dict(self.__dict__)
         state["_tars"] = _TarReader()  # open files stay with their process
         return state
+
+
+def _shot_filter(root: str, min_frames: int, min_distance: int) -> Callable[[dict], bool]:
+    """A record filter on its shot's final boundaries (videos.jsonl "shots", by shot_index)."""
+    shots: dict[str, list] = {}
+    path = os.path.join(root, "videos.jsonl")
+    if os.path.exists(path):
+        for line in _complete_lines(path):
+            record = json.loads(line)
+            if record.get("status") == "done" and "shots" in record:
+                shots[record["video"]] = record["shots"]
+
+    def keep(r: dict) -> bool:
+        video_shots, index = shots.get(r.get("video")), r.get("shot_index")
+        if video_shots is None or index is None or not 0 <= index < len(video_shots):
+            return False
+        first, last = video_shots[index]
+        frames = r.get("window_frame_indices") or [r["frame_index"]]
+        return (last - first + 1 >= min_frames and frames[0] - first >= min_distance
+                and last - frames[-1] >= min_distance)
+
+    return keep
 
 
 def _identity(record: dict) -> str:

@@ -55,6 +55,9 @@ class Sample:
     window_intrinsics: torch.Tensor  # float32 [S, 3, 3], time order
     points: torch.Tensor  # float32 [N, 6]: x y z (world) r g b (in [0, 1]), from all S frames
     quality: dict[str, float] = field(default_factory=dict)  # confidence percentiles, kept fraction, depth range
+    shot_index: int = 0  # the shot's index in the video (0 with --shots off)
+    shot_first_frame: int = 0  # first frame of the shot, inclusive
+    shot_last_frame: int = -1  # last frame of the shot, inclusive; -1: not known when written (videos.jsonl has it)
 
 
 # ----------------------------------------------------------------------------- the model seam
