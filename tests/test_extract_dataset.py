@@ -426,7 +426,7 @@ def test_rerun_appends_skips_and_refuses(main_run, clips, tmp_path):
                        f"{clips}/../{clips.name}/a.mp4\n")
 
     tool = Tool(["--root", root, "--videos", listing, *MAIN, *BACKEND, "--num-workers", "2", "--no-progress"],
-                tmp_path / "logs")
+                tmp_path / "logs", env=tool_env(ORACLE_DELAY="0.2"))  # still running when the second run starts
     try:
         deadline = time.monotonic() + 60
         while "pid" not in ((root / ".lock").read_text() if (root / ".lock").exists() else ""):
