@@ -20,10 +20,9 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 
+from sample_format import LOCK_FILE, RUN_FILE, VIDEOS_FILE  # noqa: F401  (the root's names: sample_format.py)
+
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".avi", ".webm")
-RUN_FILE = "run.json"  # the parameters every sample of this root was made with
-VIDEOS_FILE = "videos.jsonl"  # one line per finished / failed video: the datatrove-style markers
-LOCK_FILE = ".lock"
 # Parameters that change what a sample means: a rerun must use the same ones.
 DATASET_PARAMETERS = ("kernel", "stride", "dilation", "window_seconds", "backend", "model",
                       "world_frame", "max_points", "conf_percentile", "min_conf", "resize_mode",
@@ -210,24 +209,20 @@ def take_root_lock(root: str):
 
 
 def read_video_status(root: str, repair: bool = True) -> dict[str, dict]:
-    """video -> its latest record in videos.jsonl (`repair`: cut a last line left half-written by a
-    kill; only while holding the root's lock)."""
-    from sharded_writer import read_index
+    """video -> {"status": its latest status} from videos.jsonl (`repair`: cut a last line left
+    half-written by a kill; only while holding the root's lock). Read once per run, streamed, and
+    kept compact (a root may list millions of videos)."""
+    from sample_format import iter_video_status
 
-    return {r["video"]: r for r in read_index(os.path.join(root, VIDEOS_FILE), repair=repair)}
+    return {r["video"]: {"status": sys.intern(r["status"])} for r in iter_video_status(root, repair=repair)}
 
 
-def read_resume_points(root: str, ranks: list[int] | None = None) -> dict[str, int]:
-    """video -> highest focal frame already written, over every rank's index (or those given)."""
-    from sharded_writer import INDEX_NAME, read_index
+def read_resume_points(root: str, ranks: list[int] | None = None, skip=(), only=None) -> dict[str, int]:
+    """video -> highest focal frame already written (sample_format.resume_points: the one owner of
+    resume points); `skip` / `only` limit it to the videos that matter (memory: one entry each)."""
+    from sample_format import resume_points
 
-    last: dict[str, int] = {}
-    paths = glob.glob(os.path.join(root, "*", INDEX_NAME)) if ranks is None else [
-        os.path.join(root, str(rank), INDEX_NAME) for rank in ranks]
-    for path in paths:
-        for r in read_index(path):
-            last[r["video"]] = max(last.get(r["video"], -1), r["frame_index"])
-    return last
+    return resume_points(root, ranks, skip=skip, only=only)
 
 
 def wait_for_rank_locks(root: str, skip: set[int], timeout: float = 120) -> None:
@@ -544,8 +539,8 @@ class Dispatcher:
             self.pids[rank] = pid
         # The replaced worker holds the rank's lock, so the dead one wrote its last sample:
         # its index says where each of its videos stopped.
-        written = read_resume_points(self.args.root, ranks=[rank])
         lost = self.inflight.pop(rank)
+        written = read_resume_points(self.args.root, ranks=[rank], only={task.video for task in lost})
         if rank in self.actors:
             self.inflight[rank] = []
         for task in reversed(lost):  # back at the head of the queue, in their order
@@ -620,7 +615,7 @@ def run(args: argparse.Namespace) -> int:
     # released by its last writer), so a killed run's workers, which die a little after their
     # driver, have written their last sample.
     wait_for_rank_locks(args.root, skip=set(actors))
-    resume = read_resume_points(args.root)
+    resume = read_resume_points(args.root, skip=finished)  # of the unfinished videos only
     todo = known_names(todo, status, resume)  # a killed run may have begun a video under another name
 
     started = time.time()

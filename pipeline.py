@@ -21,7 +21,8 @@ import torch
 
 from frames import DecodeError, FrameSource, WindowFrames
 from sharded_writer import ShardedWriter
-from streaming_vggt import GeometryStage, Sample
+from sample_format import Sample
+from streaming_vggt import GeometryStage
 from window import dilation_for_seconds, num_windows
 
 
@@ -186,7 +187,7 @@ class Pipeline:
             dilation = s.dilation_for(info.fps)
             result.num_frames, result.fps, result.dilation = info.num_frames, info.fps, dilation
             result.windows = num_windows(info.num_frames, s.kernel, s.stride, dilation)
-            after = max(task.after_focal, self.writer.last_focal.get(task.video, -1))
+            after = task.after_focal  # the resume point: the driver's (sample_format.resume_points)
             todo = num_windows(info.num_frames, s.kernel, s.stride, dilation, after)
             self._windows.put(VideoStart(task.video, info.num_frames, info.fps, dilation, result.windows, todo))
             if result.windows == 0:
