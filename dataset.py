@@ -187,6 +187,25 @@ class VGGTDataset(torch.utils.data.Dataset):
                 return int(self._starts[k] + rows[0])
         raise KeyError(f"no sample {sample_id!r} in {self.root} (after filters)")
 
+    def column(self, name: str) -> np.ndarray:
+        """One index column over the samples of this dataset, in order (a new array). Names: see
+        COLUMNS; "flags" bit 0 = tar shard, bit 1 = png16 depth."""
+        if name not in COLUMNS:
+            raise KeyError(f"no column {name!r}; choose from {tuple(COLUMNS)}")
+        parts = [p.columns[name] if p.rows is None else p.columns[name][p.rows] for p in self._parts]
+        return np.concatenate(parts) if parts else np.zeros(0, COLUMNS[name])
+
+    def samples_per_rank(self) -> dict[int, int]:
+        return {p.rank: len(p) for p in self._parts}
+
+    def video_count(self) -> int:
+        """Distinct videos among the samples of this dataset."""
+        names: set[str] = set()
+        for p in self._parts:
+            codes = np.unique(p.columns["video"] if p.rows is None else p.columns["video"][p.rows])
+            names.update(p.videos[c] for c in codes.tolist())
+        return len(names)
+
     def set_epoch(self, epoch: int) -> None:
         """Draw another point subset per sample for this epoch (with num_points). Call it before
         creating the epoch's DataLoader iterator (workers copy the dataset when it starts;
