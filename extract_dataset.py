@@ -154,12 +154,36 @@ def list_videos(sources: list[str]) -> list[str]:
 def known_names(videos: list[str], *recorded) -> list[str]:
     """Each video under the name the root already knows the same file by (`recorded`: names in
     its videos.jsonl / index), else as given: a rerun that spells a path differently (relative,
-    '..', a symlink) must still skip or resume it, never write it again under a second name."""
-    known: dict[str, str] = {}
+    '..', a symlink) must still skip or resume it, never write it again under a second name.
+    Same file = same device and inode. A root may record millions of names: a name recorded as
+    given is taken as is, and the recorded names are looked at (one stat each) only when some
+    video is not among them."""
+    result = list(videos)
+    unmatched: dict[tuple[int, int], list[int]] = {}
+    for i, video in enumerate(videos):
+        if not any(video in names for names in recorded):
+            key = _file_key(video)
+            if key is not None:
+                unmatched.setdefault(key, []).append(i)
+    if not unmatched:
+        return result
     for names in recorded:
         for name in names:
-            known.setdefault(os.path.realpath(name), name)
-    return [known.get(os.path.realpath(v), v) for v in videos]
+            key = _file_key(name)
+            if key in unmatched:
+                for i in unmatched.pop(key):
+                    result[i] = name
+                if not unmatched:
+                    return result
+    return result
+
+
+def _file_key(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
 
 
 # ----------------------------------------------------------------------------- the root's state
@@ -206,6 +230,13 @@ def take_root_lock(root: str):
     handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
     handle.flush()
     return handle
+
+
+def release_root_lock(handle) -> None:
+    """Clear the holder's line, then unlock: a finished root (or a copy of it) names no holder."""
+    handle.seek(0)
+    handle.truncate()
+    handle.close()
 
 
 def read_video_status(root: str, repair: bool = True) -> dict[str, dict]:
@@ -632,7 +663,7 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
         videos_log.close()
     print_summary(dispatcher.results, stats, time.time() - started, args.root, dispatcher.samples_written)
-    lock.close()
+    release_root_lock(lock)
     return 1 if dispatcher.failed() else 0
 
 

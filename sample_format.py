@@ -34,9 +34,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator
 
-import numpy as np
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # numpy and torch load only where a function needs them: the driver imports
+    import numpy as np  # this module before any work, and stays quick to start
     import torch
 
 # ----------------------------------------------------------------------------- names and formats
@@ -137,6 +136,8 @@ def encode_depth(depth: torch.Tensor, levels: int = 255) -> tuple[np.ndarray, fl
     farthest point, `levels` the nearest; near surfaces, where a VAE cares most, get the finest
     steps. 0 marks pixels with no valid depth (<= 0 or not finite).
     """
+    import numpy as np
+
     d = depth.double().numpy()
     valid = np.isfinite(d) & (d > 0)
     if not valid.any():
@@ -157,6 +158,8 @@ def decode_depth(code: np.ndarray, depth_min: float, depth_max: float, levels: i
     all_valid: the map had no invalid pixel (camera.pt "depth_invalid_pixels" == 0, always so for
     VGGT), so a 0 read back can only be JPEG noise on the farthest level: decode it as depth_max
     instead of "no depth"."""
+    import numpy as np
+
     code = code.astype(np.float64)
     if depth_max <= 0:
         return np.zeros(code.shape, np.float32)
