@@ -28,8 +28,10 @@ never ahead; a log that does not match its index (edited, truncated index) is re
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -279,9 +281,9 @@ READ_CHUNK = 1 << 20
 
 
 def complete_lines(path: str, start: int = 0) -> Iterator[tuple[int, bytes]]:
-    """(offset, line) of every line from byte `start` that ends with a newline, in order, read in
-    chunks (memory does not grow with the file). A last line without its newline (cut by a kill
-    while being appended) is not yielded."""
+    """(offset, line without its newline) of every line from byte `start` that ends with a newline,
+    in order, read in chunks (memory does not grow with the file). A last line without its newline
+    (cut by a kill while being appended) is not yielded. The line's end is offset + len(line) + 1."""
     with open(path, "rb", buffering=0) as f:
         f.seek(start)
         offset, rest = start, b""
@@ -289,16 +291,11 @@ def complete_lines(path: str, start: int = 0) -> Iterator[tuple[int, bytes]]:
             chunk = f.read(READ_CHUNK)
             if not chunk:
                 return
-            data = rest + chunk
-            begin = 0
-            while True:
-                end = data.find(b"\n", begin)
-                if end < 0:
-                    break
-                yield offset, data[begin:end + 1]
-                offset += end + 1 - begin
-                begin = end + 1
-            rest = data[begin:]
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                yield offset, line
+                offset += len(line) + 1
 
 
 def iter_records(path: str, start: int = 0, repair: bool = False, first_line: int = 1) -> Iterator[tuple[int, dict]]:
@@ -316,17 +313,20 @@ def iter_records(path: str, start: int = 0, repair: bool = False, first_line: in
         try:
             record = json.loads(line)
         except ValueError as e:  # JSONDecodeError is a ValueError
-            if offset + len(line) >= size:  # the last line: a kill mid-append
+            if offset + len(line) + 1 >= size:  # the last line: a kill mid-append
                 break
-            total = number - 1 + sum(1 for _ in complete_lines(path, offset)) + (
-                0 if _ends_with_newline(path) else 1)
-            raise ValueError(f"{path}: line {number} of {total} is damaged ({e}); "
-                             f"repair or remove that line, then rerun") from e
-        good = offset + len(line)
+            raise _damaged(path, number, offset, e) from e
+        good = offset + len(line) + 1
         yield good, record
     if repair and good != os.path.getsize(path):
         with open(path, "r+b") as f:
             f.truncate(good)
+
+
+def _damaged(path: str, number: int, offset: int, error: Exception) -> ValueError:
+    """The error for a bad line `number` (at byte `offset`) that is not the file's last line."""
+    total = number - 1 + sum(1 for _ in complete_lines(path, offset)) + (0 if _ends_with_newline(path) else 1)
+    return ValueError(f"{path}: line {number} of {total} is damaged ({error}); repair or remove that line, then rerun")
 
 
 def _ends_with_newline(path: str) -> bool:
@@ -512,19 +512,12 @@ class ResumeLog:
             self.formats.add((end.shard_format, end.depth_format))
             self.last_slot, self.lines = (end.shard, end.stem), end.index_lines
             start, first = end.index_bytes, end.index_lines + 1
-        builder = _StretchBuilder(self.lines)
         pending: list[Stretch] = []
-        for offset, record in iter_records(self.index, start, repair=True, first_line=first):
-            closed = builder.add(record, offset)
-            if closed is not None:
-                pending.append(closed)
-            if builder.open.samples >= STRETCH_SAMPLES:
-                pending.append(builder.close())
+        for stretch in scan_stretches(self.index, start, self.lines, repair=True):
+            pending.append(stretch)
             if len(pending) >= 256:
                 self._append(pending)
                 pending = []
-        tail = builder.close()
-        pending += [tail] if tail is not None else []
         self._append(pending)
         self._builder = _StretchBuilder(self.lines)
 
@@ -581,6 +574,77 @@ class ResumeLog:
             self._append([s])
 
 
+_LINE_FIELDS = re.compile(rb'"video": "([^"\\\n]*)", "frame_index": (-?[0-9]+)[,}]')
+
+
+def scan_stretches(path: str, start: int = 0, lines: int = 0, repair: bool = False) -> Iterator[Stretch]:
+    """The stretches of an index from byte `start` (after `lines` lines), as the writer would have
+    logged them (a new one when the video changes and every STRETCH_SAMPLES samples). Fast (an
+    upgrade reads millions of lines): a chunk whose every line is in index_record's layout is read
+    with one regular expression, and a line is parsed in full only where a stretch ends; any other
+    chunk is parsed line by line. A bad last line is a kill (dropped, and cut when `repair`); a bad
+    line elsewhere is an error, as in iter_records."""
+    if not os.path.exists(path):
+        return
+    size = os.path.getsize(path)
+    key, focal, count, end, last_line = None, -1, 0, start, b""
+    number = lines
+
+    def close() -> Stretch:
+        record = json.loads(last_line)
+        return Stretch(record["video"], focal, count, end, number, record["shard"], record["stem"],
+                       record.get("shard_format", DEFAULT_SHARD_FORMAT),
+                       record.get("depth_format", DEFAULT_DEPTH_FORMAT))
+
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        offset, rest = start, b""
+        while True:
+            chunk = f.read(READ_CHUNK)
+            if not chunk:
+                break
+            data = rest + chunk
+            cut = data.rfind(b"\n") + 1
+            body, rest = data[:cut], data[cut:]
+            if not body:
+                continue
+            chunk_lines = body.split(b"\n")
+            chunk_lines.pop()
+            n = len(chunk_lines)
+            fields = _LINE_FIELDS.findall(body)
+            if not (len(fields) == n and body.count(b"}\n") == n and body.count(b'{"sample": ') == n):
+                fields = []
+                for i, line in enumerate(chunk_lines):
+                    try:
+                        record = json.loads(line)
+                        fields.append((record["video"], int(record["frame_index"])))
+                    except (ValueError, KeyError, TypeError) as e:
+                        line_end = offset + sum(len(x) + 1 for x in chunk_lines[:i + 1])
+                        if line_end >= size and not rest:  # the file's last line: a kill mid-append
+                            chunk_lines = chunk_lines[:i]
+                            break
+                        raise _damaged(path, number + i + 1, line_end - len(line) - 1, e) from e
+            ends = list(itertools.accumulate(map(len, chunk_lines)))  # + i + 1 newlines
+            if len(fields) > len(chunk_lines):
+                fields = fields[:len(chunk_lines)]
+            for i, (video, frame) in enumerate(fields):
+                if count and (video != key or count >= STRETCH_SAMPLES):
+                    yield close()
+                    count, focal = 0, -1
+                number += 1
+                frame = int(frame)
+                key, count = video, count + 1
+                if frame > focal:
+                    focal = frame
+                end, last_line = offset + ends[i] + i + 1, chunk_lines[i]
+            offset += len(body)
+    if count:
+        yield close()
+    if repair and end != os.path.getsize(path):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+
+
 def resume_points(root: str, ranks: Iterable[int] | None = None, skip: Iterable[str] = (),
                   only: Iterable[str] | None = None) -> dict[str, int]:
     """video -> highest focal frame written, over the given ranks (default all). The one place
@@ -617,6 +681,6 @@ def resume_points(root: str, ranks: Iterable[int] | None = None, skip: Iterable[
                 if stretch.index_bytes >= end.index_bytes:
                     start, first = end.index_bytes, end.index_lines + 1
                     break
-        for _, record in iter_records(index, start, first_line=first):
-            note(record["video"], record["frame_index"])
+        for stretch in scan_stretches(index, start, first - 1):
+            note(stretch.video, stretch.last_focal)
     return last

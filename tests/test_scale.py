@@ -56,11 +56,12 @@ def full_scan(root: Path) -> dict[str, int]:
 
 
 class CountingRecords:
-    """Counts index lines parsed through sample_format.iter_records (all index reading goes there)."""
+    """Counts index lines read through sample_format.complete_lines and scan_stretches (every
+    line-by-line read of an index, by the writer, the driver and the loader, goes there)."""
 
-    def __init__(self, monkeypatch, *modules):
+    def __init__(self, monkeypatch):
         self.lines = 0
-        real = sample_format.iter_records
+        real = sample_format.complete_lines
 
         def counting(path, *args, **kwargs):
             for item in real(path, *args, **kwargs):
@@ -68,8 +69,15 @@ class CountingRecords:
                     self.lines += 1
                 yield item
 
-        for module in (sample_format, *modules):
-            monkeypatch.setattr(module, "iter_records", counting)
+        real_scan = sample_format.scan_stretches
+
+        def scanning(path, *args, **kwargs):
+            for stretch in real_scan(path, *args, **kwargs):
+                self.lines += stretch.samples
+                yield stretch
+
+        monkeypatch.setattr(sample_format, "complete_lines", counting)
+        monkeypatch.setattr(sample_format, "scan_stretches", scanning)
 
 
 # ----------------------------------------------------------------------------- the resume log
@@ -91,13 +99,14 @@ def test_old_root_is_upgraded_once_then_opened_from_its_tail(tmp_path, monkeypat
     again = ResumeLog(str(tmp_path), 0)
     assert counter.lines == 0 and again.lines == total and capsys.readouterr().err == ""
     synthetic_index(tmp_path, 0, [("v3.mp4", 5), ("new.mp4", 7)])  # committed, then a kill before the log line
+    reference = full_scan(tmp_path)
     counter.lines = 0
-    assert resume_points(str(tmp_path)) == full_scan(tmp_path)
+    assert resume_points(str(tmp_path)) == reference
     assert counter.lines == 12  # the driver read only the index after the log
     counter.lines = 0
     assert ResumeLog(str(tmp_path), 0).lines == total + 12 and counter.lines == 12
     counter.lines = 0
-    assert resume_points(str(tmp_path)) == full_scan(tmp_path) and counter.lines == 0
+    assert resume_points(str(tmp_path)) == reference and counter.lines == 0
 
 
 def test_resume_points_skip_and_only(tmp_path):
@@ -166,7 +175,7 @@ def test_writer_logs_stretches_and_resumes_from_them(tmp_path):
 def test_loader_columns_cache_and_tail_refresh(tmp_path, monkeypatch):
     synthetic_index(tmp_path, 0, [("a", 700), ("b", 600)])
     synthetic_index(tmp_path, 1, [("c", 50)])
-    counter = CountingRecords(monkeypatch, sys.modules["dataset"])
+    counter = CountingRecords(monkeypatch)
     first = VGGTDataset(str(tmp_path))
     assert len(first) == 1350 and counter.lines == 1350
     assert (tmp_path / ".index-cache" / "0.columns").exists()
