@@ -574,15 +574,16 @@ class ResumeLog:
             self._append([s])
 
 
-_LINE_FIELDS = re.compile(rb'"video": "([^"\\\n]*)", "frame_index": (-?[0-9]+)[,}]')
+_VIDEO_FIELD = re.compile(rb'"video": "([^"\\\n]*)"')  # json.dumps' own separators, no escapes
+_FRAME_FIELD = re.compile(rb'"frame_index": (-?[0-9]+)[,}]')
 
 
 def scan_stretches(path: str, start: int = 0, lines: int = 0, repair: bool = False) -> Iterator[Stretch]:
     """The stretches of an index from byte `start` (after `lines` lines), as the writer would have
     logged them (a new one when the video changes and every STRETCH_SAMPLES samples). Fast (an
-    upgrade reads millions of lines): a chunk whose every line is in index_record's layout is read
-    with one regular expression, and a line is parsed in full only where a stretch ends; any other
-    chunk is parsed line by line. A bad last line is a kill (dropped, and cut when `repair`); a bad
+    upgrade reads millions of lines): a chunk whose every line holds one "video" and one
+    "frame_index" as json.dumps writes them is read with two regular expressions, and a line is
+    parsed in full only where a stretch ends; any other chunk is parsed line by line. A bad last line is a kill (dropped, and cut when `repair`); a bad
     line elsewhere is an error, as in iter_records."""
     if not os.path.exists(path):
         return
@@ -611,8 +612,9 @@ def scan_stretches(path: str, start: int = 0, lines: int = 0, repair: bool = Fal
             chunk_lines = body.split(b"\n")
             chunk_lines.pop()
             n = len(chunk_lines)
-            fields = _LINE_FIELDS.findall(body)
-            if not (len(fields) == n and body.count(b"}\n") == n and body.count(b'{"sample": ') == n):
+            videos, frames = _VIDEO_FIELD.findall(body), _FRAME_FIELD.findall(body)
+            fields = list(zip(videos, frames))
+            if not (len(videos) == len(frames) == n and body.count(b"}\n") == n):
                 fields = []
                 for i, line in enumerate(chunk_lines):
                     try:

@@ -233,3 +233,20 @@ def test_min_shot_frames(tmp_path):
     assert lengths == {("a", 1), ("b", 0), ("c", 0)}
     assert len(VGGTDataset(str(tmp_path), min_shot_frames=1)) == 5
     assert len(VGGTDataset(str(tmp_path), min_shot_frames=41)) == 1  # c: 60 frames
+
+
+def test_scan_reads_any_layout_and_finds_damage(tmp_path):
+    """Lines not in the writer's layout (keys sorted, a name with quotes and backslashes) take the
+    slow path with the same result; a damaged line inside is an error."""
+    synthetic_index(tmp_path, 0, [("a", 30), ('we"ird\\name', 4), ("b", 3)])
+    index = tmp_path / "0" / INDEX_NAME
+    lines = index.read_bytes().splitlines(keepends=True)
+    lines[5:8] = [json.dumps(json.loads(line), sort_keys=True).encode() + b"\n" for line in lines[5:8]]
+    index.write_bytes(b"".join(lines))
+    assert resume_points(str(tmp_path)) == full_scan(tmp_path)
+    log = ResumeLog(str(tmp_path), 0)
+    assert log.lines == 37 and [json.loads(x)["video"] for x in open(resume_log_path(str(tmp_path), 0))] == [
+        "a", 'we"ird\\name', "b"]
+    index.write_bytes(b"".join(lines[:10]) + lines[10][:25] + b"\n" + b"".join(lines[11:]))
+    with pytest.raises(ValueError, match="line 11 of 37 is damaged"):
+        sample_format.ResumeLog(str(tmp_path), 0)
