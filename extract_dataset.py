@@ -256,6 +256,17 @@ def read_resume_points(root: str, ranks: list[int] | None = None, skip=(), only=
     return resume_points(root, ranks, skip=skip, only=only)
 
 
+def announce_upgrades(root: str) -> None:
+    """One line per rank whose writer will read its whole index once to build its resume log (a
+    root written before the log existed, or a log that does not match its index)."""
+    from sample_format import INDEX_NAME, needs_upgrade, rank_numbers
+
+    for rank in rank_numbers(root):
+        if needs_upgrade(root, rank):
+            print(f"{os.path.join(root, str(rank))}: upgrading to a resume log: its {INDEX_NAME} is read once, "
+                  f"in full (later runs read only its end)", file=sys.stderr)
+
+
 def wait_for_rank_locks(root: str, skip: set[int], timeout: float = 120) -> None:
     """Wait until no process holds the lock of a rank folder this run has no worker for (a
     killed run with more workers may still have one writing there)."""
@@ -640,6 +651,7 @@ def run(args: argparse.Namespace) -> int:
     if not todo:
         return 0
 
+    announce_upgrades(args.root)
     ray = start_ray(args.address)
     actors, pids = start_workers(ray, args, *decide_workers(ray, args))
     # Resume points are read only now: every rank's lock is held by this run's workers (or was

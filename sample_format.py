@@ -451,6 +451,12 @@ def valid_log_end(root: str, rank: int) -> Stretch | None:
     return stretch
 
 
+def needs_upgrade(root: str, rank: int) -> bool:
+    """Will the rank's writer build its resume log from a full read of its index on opening?"""
+    index = index_path(root, rank)
+    return os.path.exists(index) and os.path.getsize(index) > 0 and valid_log_end(root, rank) is None
+
+
 class _StretchBuilder:
     """Turns index records (in order, with the index size after each) into Stretch lines."""
 

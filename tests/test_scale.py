@@ -250,3 +250,19 @@ def test_scan_reads_any_layout_and_finds_damage(tmp_path):
     index.write_bytes(b"".join(lines[:10]) + lines[10][:25] + b"\n" + b"".join(lines[11:]))
     with pytest.raises(ValueError, match="line 11 of 37 is damaged"):
         sample_format.ResumeLog(str(tmp_path), 0)
+
+
+def test_the_driver_says_which_ranks_it_upgrades(tmp_path, capsys):
+    import extract_dataset
+
+    synthetic_index(tmp_path, 0, [("a", 3)])
+    synthetic_index(tmp_path, 1, [("b", 3)])
+    ResumeLog(str(tmp_path), 1)
+    capsys.readouterr()
+    extract_dataset.announce_upgrades(str(tmp_path))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{tmp_path / '0'}: upgrading to a resume log")
+    ResumeLog(str(tmp_path), 0)
+    capsys.readouterr()
+    extract_dataset.announce_upgrades(str(tmp_path))
+    assert capsys.readouterr().err == ""
