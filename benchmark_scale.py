@@ -13,7 +13,8 @@ has no resume log, like a root written before it existed, so:
   process tree (driver + Ray's processes + worker, summed RSS sampled every 50 ms; "machine-wide"
   without the other users of a shared machine). The new samples are checked exactly.
 - loader: VGGTDataset(root) in a fresh process, first open (builds the column cache) and second
-  open (maps it): seconds, and memory held (RSS after minus before the open) and peak RSS.
+  open (maps it): seconds, and memory held (RSS after minus before the open) and the process's
+  peak RSS (VmHWM; torch and numpy imported: ~250 MiB before any open).
 The synthesized root is deleted at the end (2M samples take ~1 GB).
 """
 
@@ -155,7 +156,7 @@ def check_new_samples(root: str, videos: list[str], old: int) -> None:
 
 
 LOADER_SCRIPT = """
-import os, sys, time, resource, json
+import os, sys, time, json
 sys.path.insert(0, {here!r})
 import psutil
 from dataset import VGGTDataset
@@ -166,7 +167,8 @@ ds = VGGTDataset({root!r}, min_kept_fraction=0.5)
 seconds = time.perf_counter() - t
 held = proc.memory_info().rss - before
 item = ds.record(len(ds) - 1)
-print(json.dumps({{"seconds": seconds, "held": held, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+peak = [int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
+print(json.dumps({{"seconds": seconds, "held": held, "peak": peak,
                   "samples": len(ds), "last": item["sample"]}}))
 """
 
@@ -179,9 +181,10 @@ def loader(root: str) -> dict:
 
 def upgrade(root: str) -> tuple[float, float]:
     """Seconds and peak RSS bytes of the one-time pass that builds rank 0's resume log."""
-    script = (f"import sys, time, resource; sys.path.insert(0, {HERE!r}); from sample_format import ResumeLog; "
+    script = (f"import sys, time; sys.path.insert(0, {HERE!r}); from sample_format import ResumeLog; "
               f"t = time.perf_counter(); ResumeLog({root!r}, 0); "
-              f"print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+              f"print(time.perf_counter() - t, [int(x.split()[1]) * 1024 for x in open('/proc/self/status') "
+              f"if x.startswith('VmHWM')][0])")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     seconds, peak = out.stdout.split()
     return float(seconds), float(peak)
