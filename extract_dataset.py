@@ -34,6 +34,11 @@ class UsageError(Exception):
     """A bad argument or root: one line, exit 2, before any work starts."""
 
 
+class SetupError(Exception):
+    """The model or its package cannot be used (wrong or unreachable checkpoint, vggt missing):
+    one line, exit 1, before Ray starts."""
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad argument gives the one line that names it (no usage block)."""
 
@@ -310,12 +315,50 @@ class WorkerConfig:
     cpus: int
     shard_format: str = "dir"
     depth_format: str = "jpg"
+    model_file: str | None = None  # --model resolved by the driver to a local checkpoint file
+
+
+WORKER_LOG = "worker.log"  # OUT/<rank>/worker.log: everything a rank's processes print
+
+
+def _log_to_file(path: str) -> None:
+    """Send this process's stdout and stderr (Python and C level: FFmpeg, Ray, warnings) to `path`,
+    so the driver's console holds only the tool's own lines and a failure has a full log."""
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
+        stream.flush()
+        os.dup2(log, fd)
+    os.close(log)
+    print(f"--- worker pid {os.getpid()} started {time.strftime('%Y-%m-%dT%H:%M:%S')}", file=sys.stderr, flush=True)
+
+
+def _quiet_known_warnings() -> None:
+    """vggt's heads still call torch.cuda.amp.autocast (deprecated): a FutureWarning per process
+    that says nothing to the user. Only that message is silenced."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.autocast.*", category=FutureWarning)
 
 
 class Worker:
     """One rank: the model loaded once, a pipeline, and OUT/<rank>/ held under a lock."""
 
     def __init__(self, rank: int, config: WorkerConfig):
+        rank_dir = os.path.join(config.root, str(rank))
+        os.makedirs(rank_dir, exist_ok=True)
+        self.log_path = os.path.join(rank_dir, WORKER_LOG)
+        _log_to_file(self.log_path)
+        _quiet_known_warnings()
+        try:
+            self._start(rank, config)
+        except BaseException as e:
+            import traceback
+
+            traceback.print_exc()  # the full story goes to the log; the driver gets one line
+            sys.stderr.flush()
+            raise RuntimeError(f"{type(e).__name__}: {_last_line(e)} (full log: {self.log_path})") from None
+
+    def _start(self, rank: int, config: WorkerConfig) -> None:
         import torch
 
         from pipeline import Pipeline, WindowSettings
@@ -326,7 +369,6 @@ class Worker:
         self.rank = rank
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         rank_dir = os.path.join(config.root, str(rank))
-        os.makedirs(rank_dir, exist_ok=True)
         # A replaced worker may start while its killed predecessor is still exiting: wait for its lock.
         self._lock = open(os.path.join(rank_dir, LOCK_FILE), "a")
         deadline = time.monotonic() + 120
@@ -339,7 +381,16 @@ class Worker:
                     raise RuntimeError(f"rank {rank}: {rank_dir} stays locked by another process")
                 time.sleep(0.2)
         factory = load_backend(config.backend)
-        options = {"model": config.model, "precision": config.precision} if config.backend == "vggt" else {}
+        self.model_note = ""
+        options = {}
+        if config.backend == "vggt":
+            model = config.model_file
+            if model is None or not os.path.isfile(model):  # this node does not share the driver's disk
+                model = config.model
+                if config.model_file is not None:
+                    self.model_note = (f"{config.model_file} is not on this node: downloading {config.model} here")
+                    print(self.model_note, file=sys.stderr, flush=True)
+            options = {"model": model, "precision": config.precision}
         model = factory(device, **options)
         stage = GeometryStage(model, device, GeometryConfig(
             world_frame=config.world_frame, conf_percentile=config.conf_percentile,
@@ -358,7 +409,11 @@ class Worker:
 
         ip, node_id = ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
         return {"rank": self.rank, "device": self.device, "pid": os.getpid(), "node_ip": ip, "node_id": node_id,
-                "node": f"{socket.gethostname()} ({ip}, node {node_id[:8]})"}
+                "node": f"{socket.gethostname()} ({ip}, node {node_id[:8]})", "model_note": self.model_note,
+                "log": self.log_path}
+
+    def stats(self) -> dict:
+        return self.pipeline.stats.snapshot()
 
     def submit(self, task, pid: int | None = None) -> bool:
         """Queue a video; refused (False) when meant for an earlier process of this rank: Ray hands
@@ -381,18 +436,31 @@ class Worker:
 # ----------------------------------------------------------------------------- the driver
 
 
+class _DropRayTokenNotice:
+    """A logging filter for Ray's notice that a local cluster enabled token authentication by
+    default: true of every private cluster this tool starts, so it tells the user nothing. Every
+    other Ray message, the warning that token authentication is *disabled* included, still shows."""
+
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
 def start_ray(address: str | None):
+    import logging
+
     import ray
 
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_DropRayTokenNotice())
+    # log_to_driver=False: workers write to OUT/<rank>/worker.log; the driver says what matters in one line.
     if address:
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=True)
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
         except ConnectionError as e:
             raise UsageError(f"argument --address: cannot join the Ray cluster at {address}: {_last_line(e)}") from e
     else:
         # A private cluster on loopback only: nothing on the network can reach a batch job's Ray.
         ray.init(address="local", _node_ip_address="127.0.0.2", include_dashboard=False,
-                 log_to_driver=True, configure_logging=False)
+                 log_to_driver=False, configure_logging=False)
     return ray
 
 
@@ -435,6 +503,71 @@ def replace_worker(ray, actors: dict, rank: int, error: BaseException, old_pid: 
         # about to be handed out again, so it must go.
         ray.kill(actors[rank], no_restart=False)
     return None
+
+
+def prepare_model(args: argparse.Namespace, download: bool = True) -> str:
+    """Check --backend and resolve --model before Ray starts (a hub id is downloaded here, once,
+    with a progress bar); sets args.model_file for the workers and returns a line for the user."""
+    import importlib.util
+
+    if args.backend != "vggt":
+        from streaming_vggt import load_backend
+
+        try:
+            load_backend(args.backend)
+        except ValueError as e:
+            raise UsageError(f"argument {e}") from e
+        return f"model: factory {args.backend}"
+    if importlib.util.find_spec("vggt") is None:
+        raise SetupError("argument --backend: the default backend needs the vggt package, which is not installed: "
+                         "pip install git+https://github.com/facebookresearch/vggt")
+    from checkpoint import CheckpointError, resolve
+
+    try:
+        resolved = resolve(args.model, download=download)
+    except CheckpointError as e:
+        raise SetupError(str(e)) from e
+    args.model_file = resolved.path
+    return resolved.note
+
+
+def dry_run_model_line(args: argparse.Namespace) -> str:
+    """Whether --model resolves, without downloading it (nor importing a --backend module)."""
+    if args.backend != "vggt":
+        return f"model: factory {args.backend} (a dry run does not import it)"
+    try:
+        return prepare_model(args, download=False)
+    except SetupError as e:
+        return f"model: a run would stop here: {e}"
+
+
+class CpuCostWarning:
+    """One line, once, when VGGT runs on a CPU worker: the measured seconds per window and what the
+    remaining windows would take, so nobody waits a day unknowingly."""
+
+    def __init__(self, ray, args, devices: dict[int, str]):
+        self.ray = ray
+        self.ranks = [rank for rank, device in devices.items() if device == "cpu"] if args.backend == "vggt" else []
+
+    def check(self, dispatcher: "Dispatcher") -> None:
+        if not self.ranks or not dispatcher.samples_written:
+            return
+        for rank in self.ranks:
+            if rank not in dispatcher.actors:
+                continue
+            try:
+                stats = self.ray.get(dispatcher.actors[rank].stats.remote(), timeout=30)
+            except Exception:
+                continue
+            if stats.get("samples_written"):
+                seconds = stats.get("model_seconds", 0.0) / stats["samples_written"]
+                bar = dispatcher.progress.bar
+                left = max(0, (bar.total or 0) - bar.n) * seconds / len(self.ranks)
+                dispatcher.progress.write(
+                    f"warning: VGGT runs on the CPU here: {seconds:.1f} s per window measured, about "
+                    f"{left / 3600:.1f} h for the windows left; a GPU is hundreds of times faster")
+                self.ranks = []
+                return
 
 
 def dry_run(videos: list[str], args, status: dict[str, dict]) -> int:
@@ -483,6 +616,12 @@ class Progress:
         self.failed = failed
         self.bar.set_postfix(failed=failed, refresh=False)
         self.bar.update(windows)
+
+    def write(self, line: str) -> None:
+        """A line above the bar (tqdm.write keeps the bar intact)."""
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()
@@ -601,15 +740,16 @@ class Dispatcher:
         self.progress.update(0, self.failed())
 
 
-def start_workers(ray, args, count: int, gpus: int) -> tuple[dict, dict[int, int]]:
-    """One actor per rank, each ready (model loaded, rank folder locked): (actors, pids)."""
+def start_workers(ray, args, count: int, gpus: int) -> tuple[dict, dict[int, int], dict[int, str]]:
+    """One actor per rank, each ready (model loaded, rank folder locked): (actors, pids, devices)."""
     config = WorkerConfig(
         root=os.path.abspath(args.root), files_per_dir=args.files_per_dir, kernel=args.kernel,
         stride=args.stride, dilation=args.dilation, window_seconds=args.window_seconds,
         resize_mode=args.resize_mode, backend=args.backend, model=args.model, device=args.device,
         precision=args.precision, batch_size=args.batch_size, world_frame=args.world_frame,
         conf_percentile=args.conf_percentile, min_conf=args.min_conf, max_points=args.max_points,
-        cpus=args.cpus_per_worker, shard_format=args.shard_format, depth_format=args.depth_format)
+        cpus=args.cpus_per_worker, shard_format=args.shard_format, depth_format=args.depth_format,
+        model_file=getattr(args, "model_file", None))
     # Workers import this project's modules (and a --backend module) from the driver's paths, made
     # absolute: workers do not run in the driver's folder (a relative PYTHONPATH=tests found nothing).
     here = os.path.dirname(os.path.abspath(__file__))
@@ -619,14 +759,18 @@ def start_workers(ray, args, count: int, gpus: int) -> tuple[dict, dict[int, int
                                              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     actors = {rank: actor_class.remote(rank, config) for rank in range(count)}
     pids: dict[int, int] = {}  # rank -> pid of its live process: a submit meant for a dead one is dropped
+    devices: dict[int, str] = {}
     for rank, actor in actors.items():
         try:
             info = ray.get(actor.ready.remote())
         except Exception as e:
-            raise SystemExit(f"worker {rank} failed to start: {_last_line(e)}")
-        pids[rank] = info["pid"]
+            reason = _last_line(e).removeprefix("RuntimeError: ")  # Worker.__init__ says it in one line
+            raise SystemExit(f"worker {rank} failed to start: {reason}")
+        pids[rank], devices[rank] = info["pid"], info["device"]
         print(f"worker {rank}: {info['device']} on {info['node']}", file=sys.stderr)
-    return actors, pids
+        if info.get("model_note"):
+            print(f"worker {rank}: {info['model_note']}", file=sys.stderr)
+    return actors, pids, devices
 
 
 def run(args: argparse.Namespace) -> int:
@@ -637,6 +781,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"argument --root: {args.root} exists and is not a folder")
     if args.dry_run:  # reads only: creates no root, takes no lock, loads no model
         status = read_video_status(args.root, repair=False)
+        print(dry_run_model_line(args))
         return dry_run(known_names(videos, status), args, status)
     os.makedirs(args.root, exist_ok=True)
     lock = take_root_lock(args.root)
@@ -650,10 +795,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(videos)} videos: {len(videos) - len(todo)} already done, {len(todo)} to do", file=sys.stderr)
     if not todo:
         return 0
+    print(prepare_model(args), file=sys.stderr)
 
     announce_upgrades(args.root)
     ray = start_ray(args.address)
-    actors, pids = start_workers(ray, args, *decide_workers(ray, args))
+    actors, pids, devices = start_workers(ray, args, *decide_workers(ray, args))
     # Resume points are read only now: every rank's lock is held by this run's workers (or was
     # released by its last writer), so a killed run's workers, which die a little after their
     # driver, have written their last sample.
@@ -666,10 +812,12 @@ def run(args: argparse.Namespace) -> int:
     videos_log = open(os.path.join(args.root, VIDEOS_FILE), "a", encoding="utf-8")
     dispatcher = Dispatcher(ray, actors, pids, [VideoTask(v, resume.get(v, -1)) for v in todo], args,
                             progress, videos_log)
+    cpu_warning = CpuCostWarning(ray, args, devices)
     try:
         while dispatcher.busy():
             dispatcher.hand_out()
             dispatcher.poll()
+            cpu_warning.check(dispatcher)
         stats = [ray.get(actor.finish.remote()) for actor in dispatcher.actors.values()]
     finally:
         progress.close()
@@ -708,6 +856,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         return 2
+    except SetupError as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

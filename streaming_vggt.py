@@ -76,29 +76,14 @@ def load_vggt_state_dict(model: torch.nn.Module, source: str) -> None:
 
 
 def _checkpoint_file(source: str) -> str:
-    names = ("model.safetensors", "model.pt", "pytorch_model.bin")
-    if os.path.isfile(source):
-        return source
-    if os.path.isdir(source):
-        for name in names:
-            if os.path.isfile(os.path.join(source, name)):
-                return os.path.join(source, name)
-        raise FileNotFoundError(f"--model {source!r}: folder holds none of {names}")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    """--model -> a local checkpoint file. The driver resolved it before Ray started
+    (checkpoint.resolve), so a worker normally gets a local path; a hub id is taken from this
+    machine's cache or downloaded here (a node that does not share the driver's disk)."""
+    from checkpoint import hub_cached_file, hub_download, local_file, looks_like_path
 
-    for name in names[:2]:
-        try:
-            return hf_hub_download(source, name)
-        except EntryNotFoundError as e:
-            if isinstance(e, LocalEntryNotFoundError):  # offline and not cached: another name won't help
-                raise FileNotFoundError(f"--model {source!r}: not a local path, not cached, and the hub "
-                                        f"is unreachable; pass a local checkpoint file") from e
-            last_error = e  # this file is not in the repo: try the next name
-        except Exception as e:  # no such repo, gated, network: say so at once
-            raise FileNotFoundError(f"--model {source!r}: not a local path and not downloadable: "
-                                    f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
-    raise FileNotFoundError(f"--model {source!r}: the repo holds none of {names[:2]} ({last_error})")
+    if looks_like_path(source):
+        return local_file(source)
+    return hub_cached_file(source) or hub_download(source)
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:

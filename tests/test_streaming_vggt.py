@@ -28,6 +28,7 @@ import streaming_vggt
 import videos
 from frames import FrameSource
 from sharded_writer import encode_sample
+from checkpoint import CheckpointError
 from streaming_vggt import (GeometryConfig, GeometryStage, Sample, load_backend, load_vggt_state_dict,
                             make_vggt)
 
@@ -635,9 +636,9 @@ def test_checkpoint_of_another_architecture_fails(tmp_path):
 
 def test_checkpoint_path_that_is_not_there(tmp_path):
     pytest.importorskip("vggt")
-    with pytest.raises(FileNotFoundError, match="holds none of"):
+    with pytest.raises(CheckpointError, match="argument --model: folder .* holds none of"):
         load_vggt_state_dict(tiny_network(seed=0), str(tmp_path))  # an empty folder
-    with pytest.raises(FileNotFoundError, match="not a local path"):  # fails before any network access
+    with pytest.raises(CheckpointError, match="argument --model: no such file or folder"):  # no network access
         load_vggt_state_dict(tiny_network(seed=0), str(tmp_path / "missing" / "model.pt"))
 
 
