@@ -364,10 +364,14 @@ class _RankPart:
             columns, videos, start, lines = cached
         new, videos, end, added = _parse_index(index, start, lines, videos)
         if added or cached is None:
-            columns = {k: np.concatenate([columns[k], new[k]]) for k in COLUMNS}
-            written = _write_cache(cache, index, columns, videos, end, lines + added)
+            # old columns + new chunks go to the cache file as they are (no copy of the whole in
+            # memory), then come back memory-mapped; only a root that cannot take it is joined here
+            pieces = {k: ([columns[k]] if len(columns[k]) else []) + new[k] for k in COLUMNS}
+            written = _write_cache(cache, index, pieces, videos, end, lines + added)
             if written is not None:
                 columns = written[0]  # memory-mapped: shared by every process that opens the root
+            else:
+                columns = {k: np.concatenate(pieces[k]) if pieces[k] else np.zeros(0, COLUMNS[k]) for k in COLUMNS}
         return cls(root, rank, columns, videos, end)
 
     def record(self, row: int) -> dict:
@@ -393,10 +397,10 @@ class _RankPart:
 
 
 def _parse_index(index: str, start: int, lines: int, videos: list[str]
-                 ) -> tuple[dict[str, np.ndarray], list[str], int, int]:
-    """Columns of the index lines from byte `start` (line `lines` + 1) to the last complete line:
-    (columns, the video table extended, end offset, lines read). Parsed in chunks, so the Python
-    objects of one chunk at most exist at a time."""
+                 ) -> tuple[dict[str, list[np.ndarray]], list[str], int, int]:
+    """Columns of the index lines from byte `start` (line `lines` + 1) to the last complete line,
+    as chunks: (column -> arrays, the video table extended, end offset, lines read). Parsed in
+    chunks, so the Python objects of one chunk at most exist at a time."""
     codes = {name: code for code, name in enumerate(videos)} if start else {}
     videos = list(videos) if start else []
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in COLUMNS}
@@ -438,8 +442,9 @@ def _parse_index(index: str, start: int, lines: int, videos: list[str]
         added += 1
         if len(b["offset"]) >= PARSE_CHUNK:
             spill()
-    spill()
-    return {k: np.concatenate(v) for k, v in chunks.items()}, videos, end, added
+    if buffer["offset"]:
+        spill()
+    return chunks, videos, end, added
 
 
 def _line_check(index: str, end: int) -> int:
@@ -480,14 +485,15 @@ def _data_start(header_length: int) -> int:
     return (16 + header_length + 63) // 64 * 64
 
 
-def _write_cache(cache: str, index: str, columns: dict[str, np.ndarray], videos: list[str], end: int,
+def _write_cache(cache: str, index: str, columns: dict[str, list[np.ndarray]], videos: list[str], end: int,
                  lines: int):
-    """Write the cache atomically and map it back; None when the root cannot take it (read-only)."""
+    """Write the cache (each column given as pieces) atomically and map it back; None when the
+    root cannot take it (read-only)."""
     offsets, position = {}, 0  # of each column after the header, 64-byte aligned
     for k in COLUMNS:
         position = (position + 63) // 64 * 64
         offsets[k] = position
-        position += columns[k].nbytes
+        position += sum(piece.nbytes for piece in columns[k])
     header = {"version": CACHE_VERSION, "index_bytes": end, "lines": lines,
               "last_line_crc": _line_check(index, end) if end else -1, "columns": offsets, "videos": videos}
     text = json.dumps(header).encode()
@@ -501,9 +507,10 @@ def _write_cache(cache: str, index: str, columns: dict[str, np.ndarray], videos:
             for k in COLUMNS:
                 pad = base + offsets[k] - os.lseek(fd, 0, os.SEEK_CUR)
                 os.write(fd, b"\0" * pad)
-                data = memoryview(np.ascontiguousarray(columns[k])).cast("B")
-                while len(data):
-                    data = data[os.write(fd, data):]
+                for piece in columns[k]:
+                    data = memoryview(np.ascontiguousarray(piece, COLUMNS[k])).cast("B")
+                    while len(data):
+                        data = data[os.write(fd, data):]
         finally:
             os.close(fd)
         os.replace(tmp, cache)
