@@ -7,11 +7,13 @@ For each size a root is synthesized the way today's writer makes it: rank 0's sa
 (~430-byte lines from sample_format.index_record, 30 samples per video) and videos.jsonl (one
 "done" line per video, with its shots), but no sample files (nothing reads them here). The root
 has no resume log, like a root written before it existed, so:
-- upgrade: the one-time pass that builds the rank's resume log (a full read of the index).
 - rerun: extract_dataset.py on the root with two new short videos (oracle backend on the CPU, one
-  worker, a private Ray): wall seconds from launch to exit, and the peak memory of the whole
-  process tree (driver + Ray's processes + worker, summed RSS sampled every 50 ms; "machine-wide"
-  without the other users of a shared machine). The new samples are checked exactly.
+  worker, a private Ray): wall seconds from launch to exit and to the first new sample, and the
+  peak memory of the whole process tree (driver + Ray's processes + worker, summed RSS sampled
+  every 50 ms; "machine-wide" without the other users of a shared machine). Twice: on the root as
+  synthesized (its worker upgrades it: one full read of the index), then again with the log in
+  place. The new samples are checked exactly each time.
+- upgrade: the one-time pass that builds the rank's resume log, alone in a process.
 - loader: VGGTDataset(root) in a fresh process, first open (builds the column cache) and second
   open (maps it): seconds, and memory held (RSS after minus before the open) and the process's
   peak RSS (VmHWM; torch and numpy imported: ~250 MiB before any open).
@@ -143,12 +145,12 @@ def rerun(root: str, videos: list[str]) -> tuple[float, float, float, str]:
     return elapsed, first[0] or float("nan"), peak, "".join(err_lines)
 
 
-def check_new_samples(root: str, videos: list[str], old: int) -> None:
+def check_new_samples(root: str, videos: list[str], old: int, old_bytes: int) -> None:
     """The rerun's samples are exactly the new videos' windows, after the old ones, numbered on."""
     from sample_format import INDEX_NAME, iter_records
     from window import windows
 
-    new = [r for k, (_, r) in enumerate(iter_records(os.path.join(root, "0", INDEX_NAME))) if k >= old]
+    new = [r for _, r in iter_records(os.path.join(root, "0", INDEX_NAME), old_bytes)]
     want = [(v, w.focal_frame) for v, n in zip(videos, NEW_VIDEO_FRAMES) for w in windows(n, 5, 2, 2)]
     got = [(r["video"], r["frame_index"]) for r in new]
     assert sorted(got) == sorted(want), (got, want)
@@ -210,17 +212,23 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             size, videos = synthesize(root, samples)
             synth = time.perf_counter() - t
-            up_s, up_peak = upgrade(root)
-            new = []
-            for k, n in enumerate(NEW_VIDEO_FRAMES):  # new names per size: each rerun does the same work
-                path = os.path.join(clips, f"new_{samples}_{k}.mp4")
-                oracle_backend.render_scene_video(path, n, width=160, height=96)
-                new.append(path)
-            seconds, first, peak, _ = rerun(root, new)
-            check_new_samples(root, new, samples)
+            reruns = []
+            for attempt in ("old", "logged"):  # the root as written before the log, then with it
+                new = []
+                for k, n in enumerate(NEW_VIDEO_FRAMES):  # new names each time: each rerun does the same work
+                    path = os.path.join(clips, f"new_{samples}_{attempt}_{k}.mp4")
+                    oracle_backend.render_scene_video(path, n, width=160, height=96)
+                    new.append(path)
+                index = os.path.join(root, "0", "samples.jsonl")
+                with open(index, "rb") as f:
+                    before, before_bytes = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b"")), f.tell()
+                seconds, first, peak, _ = rerun(root, new)
+                check_new_samples(root, new, before, before_bytes)
+                reruns.append((seconds, first, peak))
+            os.remove(os.path.join(root, ".resume", "0.jsonl"))
+            up_s, up_peak = upgrade(root)  # the upgrade alone, in a process of its own
             first_open, second_open = loader(root), loader(root)
-            rows.append((samples, size / samples, videos, synth, up_s, up_peak, seconds, first, peak,
-                         first_open, second_open))
+            rows.append((samples, size / samples, videos, synth, up_s, up_peak, reruns, first_open, second_open))
             print(f"done {samples} samples", file=sys.stderr)
             if not args.keep:
                 shutil.rmtree(root, ignore_errors=True)
@@ -228,13 +236,17 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep and not args.work:
             shutil.rmtree(work, ignore_errors=True)
     mib = 2 ** 20
-    print(f"{'samples':>9} {'B/line':>6} {'videos':>7} | {'upgrade s':>9} {'MiB':>5} | {'rerun s':>7} "
-          f"{'1st sample s':>12} {'peak MiB':>8} | {'open1 s':>7} {'held MiB':>8} {'peak MiB':>8} | "
-          f"{'open2 s':>7} {'held MiB':>8} {'peak MiB':>8}")
-    for (samples, per_line, videos, _, up_s, up_peak, seconds, first, peak, one, two) in rows:
-        print(f"{samples:>9} {per_line:>6.0f} {videos:>7} | {up_s:>9.2f} {up_peak / mib:>5.0f} | {seconds:>7.1f} "
-              f"{first:>12.1f} {peak / mib:>8.0f} | {one['seconds']:>7.2f} {one['held'] / mib:>8.1f} "
-              f"{one['peak'] / mib:>8.0f} | {two['seconds']:>7.2f} {two['held'] / mib:>8.1f} {two['peak'] / mib:>8.0f}")
+    print(f"{'samples':>9} {'B/line':>6} {'videos':>7} | {'upgrade s':>9} {'MiB':>5} | "
+          f"{'rerun old root: s':>17} {'1st':>5} {'MiB':>5} | {'rerun: s':>8} {'1st':>5} {'MiB':>5} | "
+          f"{'open1 s':>7} {'held':>5} {'peak':>5} | {'open2 s':>7} {'held':>5} {'peak':>5}")
+    for (samples, per_line, videos, _, up_s, up_peak, reruns, one, two) in rows:
+        (s_old, f_old, p_old), (s_new, f_new, p_new) = reruns
+        print(f"{samples:>9} {per_line:>6.0f} {videos:>7} | {up_s:>9.2f} {up_peak / mib:>5.0f} | "
+              f"{s_old:>17.1f} {f_old:>5.1f} {p_old / mib:>5.0f} | {s_new:>8.1f} {f_new:>5.1f} {p_new / mib:>5.0f} | "
+              f"{one['seconds']:>7.2f} {one['held'] / mib:>5.0f} {one['peak'] / mib:>5.0f} | "
+              f"{two['seconds']:>7.2f} {two['held'] / mib:>5.0f} {two['peak'] / mib:>5.0f}")
+    print("seconds: wall; 1st: seconds to the first new sample; MiB: peak RSS (rerun: whole process tree); "
+          "held: RSS after the open minus before")
     return 0
 
 
