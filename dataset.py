@@ -52,7 +52,7 @@ import torch
 from PIL import Image
 
 from sample_format import (CACHE_DIR, DEFAULT_DEPTH_FORMAT, DEFAULT_SHARD_FORMAT, DEPTH_FORMATS, FINISHED,
-                           INDEX_NAME, SHARD_DIGITS, TAR_SUFFIX, decode_depth, iter_records, iter_video_status,
+                           INDEX_NAME, TAR_SUFFIX, decode_depth, iter_records, iter_video_status,
                            line_before, rank_numbers, sample_id)
 
 FIELDS = ("rgb", "depth", "camera", "points")

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 
-from sample_format import LOCK_FILE, RUN_FILE, VIDEOS_FILE  # noqa: F401  (the root's names: sample_format.py)
+from sample_format import LOCK_FILE, RUN_FILE, VIDEOS_FILE, WORKER_LOG  # noqa: F401  (the root's names: sample_format.py)
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".avi", ".webm")
 # Parameters that change what a sample means: a rerun must use the same ones.
@@ -316,9 +316,6 @@ class WorkerConfig:
     shard_format: str = "dir"
     depth_format: str = "jpg"
     model_file: str | None = None  # --model resolved by the driver to a local checkpoint file
-
-
-WORKER_LOG = "worker.log"  # OUT/<rank>/worker.log: everything a rank's processes print
 
 
 def _log_to_file(path: str) -> None:

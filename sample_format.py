@@ -9,6 +9,7 @@ depth codec, the index record and camera.pt fields, index reading, and the resum
     OUT/<rank>/<6 digits>.tar            ... or tar shards holding the same member names
     OUT/<rank>/.tmp/                     files being written (wiped when the rank is opened)
     OUT/<rank>/.lock                     the rank's writer lock
+    OUT/<rank>/worker.log                what the rank's processes print
     OUT/.resume/<rank>.jsonl             the rank's resume log (derived from the index, see below)
     OUT/.index-cache/<rank>.columns      the loader's columnar copy of the index (dataset.py)
 
@@ -46,6 +47,7 @@ INDEX_NAME = "samples.jsonl"
 VIDEOS_FILE = "videos.jsonl"
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
+WORKER_LOG = "worker.log"  # OUT/<rank>/worker.log: everything a rank's processes print
 TMP_DIR = ".tmp"
 TAR_SUFFIX = ".tar"
 RESUME_DIR = ".resume"

@@ -53,8 +53,9 @@ class ShardedWriter:
     Only one process may write a rank at a time (the orchestrator guarantees it with a lock).
     """
 
-    def __init__(self, root: str, rank: int, files_per_dir: int = 500, jpeg_quality: int = 95,
-                 shard_format: str = "dir", depth_format: str = "jpg"):
+    def __init__(self, root: str, rank: int, files_per_dir: int = DEFAULT_FILES_PER_DIR,
+                 jpeg_quality: int = DEFAULT_JPEG_QUALITY, shard_format: str = DEFAULT_SHARD_FORMAT,
+                 depth_format: str = DEFAULT_DEPTH_FORMAT):
         if files_per_dir < 1:
             raise ValueError(f"files_per_dir must be >= 1, got {files_per_dir}")
         if shard_format not in SHARD_FORMATS:
