@@ -621,32 +621,33 @@ def scan_stretches(path: str, start: int = 0, lines: int = 0, repair: bool = Fal
             chunk_lines.pop()
             n = len(chunk_lines)
             videos, frames = _VIDEO_FIELD.findall(body), _FRAME_FIELD.findall(body)
-            fields = list(zip(videos, frames))
             if not (len(videos) == len(frames) == n and body.count(b"}\n") == n):
-                fields = []
+                videos, frames = [], []
                 for i, line in enumerate(chunk_lines):
                     try:
                         record = json.loads(line)
-                        fields.append((record["video"], int(record["frame_index"])))
+                        video, frame = record["video"], int(record["frame_index"])
                     except (ValueError, KeyError, TypeError) as e:
                         line_end = offset + sum(len(x) + 1 for x in chunk_lines[:i + 1])
                         if line_end >= size and not rest:  # the file's last line: a kill mid-append
                             chunk_lines = chunk_lines[:i]
                             break
                         raise _damaged(path, number + i + 1, line_end - len(line) - 1, e) from e
+                    videos.append(video)
+                    frames.append(frame)
             ends = list(itertools.accumulate(map(len, chunk_lines)))  # + i + 1 newlines
-            if len(fields) > len(chunk_lines):
-                fields = fields[:len(chunk_lines)]
-            for i, (video, frame) in enumerate(fields):
-                if count and (video != key or count >= STRETCH_SAMPLES):
-                    yield close()
-                    count, focal = 0, -1
-                number += 1
-                frame = int(frame)
-                key, count = video, count + 1
-                if frame > focal:
-                    focal = frame
-                end, last_line = offset + ends[i] + i + 1, chunk_lines[i]
+            i = 0
+            for video, group in itertools.groupby(videos):  # runs of one video: no work per line
+                run_end = i + sum(1 for _ in group)
+                while i < run_end:
+                    if count and (video != key or count >= STRETCH_SAMPLES):
+                        yield close()
+                        count, focal = 0, -1
+                    take = min(run_end - i, STRETCH_SAMPLES - count)
+                    focal = max(focal, max(map(int, frames[i:i + take])))
+                    key, count, number = video, count + take, number + take
+                    i += take
+                    end, last_line = offset + ends[i - 1] + i, chunk_lines[i - 1]
             offset += len(body)
     if count:
         yield close()
