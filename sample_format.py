@@ -506,6 +506,7 @@ class ResumeLog:
         self.formats: set[tuple[str, str]] = set()
         self.last_slot: tuple[int, int] | None = None
         self.lines = 0
+        self._failed = False
         end = valid_log_end(root, rank)
         index_size = os.path.getsize(self.index) if os.path.exists(self.index) else 0
         if end is None and index_size > 0:
@@ -545,13 +546,16 @@ class ResumeLog:
                 f.truncate(last[0])
 
     def _append(self, stretches: list[Stretch]) -> None:
-        """Log stretches. The log only speeds things up (the index is the truth): a failed append is
-        taken back and forgotten; the next open reads a longer index tail instead."""
+        """Log stretches. The log only speeds things up (the index is the truth): after a failed
+        append (taken back) nothing more is logged by this writer, so the log never has a gap;
+        the next open reads the longer index tail instead."""
         if not stretches:
             return
         for s in stretches:
             self.formats.add((s.shard_format, s.depth_format))
             self.last_slot, self.lines = (s.shard, s.stem), s.index_lines
+        if self._failed:
+            return
         try:
             with open(self.path, "ab") as f:
                 size = f.tell()
@@ -562,6 +566,7 @@ class ResumeLog:
                     f.truncate(size)
                     raise
         except OSError as e:
+            self._failed = True
             print(f"{self.path}: cannot append ({e}); the next start reads more of {INDEX_NAME}", file=sys.stderr)
 
     def committed(self, records: Iterable[dict], ends: Iterable[int]) -> None:

@@ -266,3 +266,30 @@ def test_the_driver_says_which_ranks_it_upgrades(tmp_path, capsys):
     capsys.readouterr()
     extract_dataset.announce_upgrades(str(tmp_path))
     assert capsys.readouterr().err == ""
+
+
+def test_a_failed_log_append_leaves_no_gap(tmp_path, monkeypatch):
+    """Disk full while logging: the writer stops logging (a log with a hole in the middle would
+    lose a video's resume point); the next open reads the index after the last logged stretch."""
+    root = tmp_path / "out"
+    w = ShardedWriter(str(root), 0, 3)
+    w.write(make_sample(0, video="clips/a.mp4"))
+    w.flush()
+    real_open = open
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".jsonl") and ".resume" in str(path) and "a" in mode:
+            raise OSError(28, "No space left on device (simulated)")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    w.write(make_sample(1, video="clips/b.mp4"))
+    w.flush()
+    monkeypatch.undo()
+    w.write(make_sample(2, video="clips/c.mp4"))
+    w.close()
+    assert [json.loads(x)["video"] for x in open(resume_log_path(str(root), 0))] == ["clips/a.mp4"]
+    assert resume_points(str(root)) == full_scan(root)
+    assert ResumeLog(str(root), 0).lines == 3
+    assert [json.loads(x)["video"] for x in open(resume_log_path(str(root), 0))] == [
+        "clips/a.mp4", "clips/b.mp4", "clips/c.mp4"]
