@@ -273,9 +273,10 @@ def measure_decode_only(video: str, settings: WindowSettings) -> dict:
     dilation = settings.dilation_for(source.info.fps)
     count = sum(1 for _ in source.windows(settings.kernel, settings.stride, dilation))
     seconds = time.perf_counter() - started
-    needed = len(needed_frames(source.info.num_frames, settings.kernel, settings.stride, dilation))
+    num_frames = source.num_frames if source.num_frames is not None else source.info.num_frames  # decoded
+    needed = len(needed_frames(num_frames, settings.kernel, settings.stride, dilation))
     return {"windows": count, "seconds": seconds, "frames_decoded": source.frames_decoded,
-            "frames_needed": needed, "num_frames": source.info.num_frames}
+            "frames_needed": needed, "num_frames": num_frames}
 
 
 def measure_pipeline(stage: GeometryStage, video: str, settings: WindowSettings, batch_size: int,

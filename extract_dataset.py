@@ -22,7 +22,10 @@ from dataclasses import asdict, dataclass
 
 from sample_format import LOCK_FILE, RUN_FILE, VIDEOS_FILE, WORKER_LOG  # noqa: F401  (the root's names: sample_format.py)
 
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".avi", ".webm")
+# Containers FFmpeg reads, listed from folders and globs (case-insensitive). Any other file a folder
+# holds is counted and reported, never silently dropped; a file named explicitly is always tried.
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".m2v", ".ts", ".m2ts",
+                    ".mts", ".flv", ".f4v", ".wmv", ".asf", ".3gp", ".3g2", ".ogv", ".dv", ".mxf", ".vob", ".y4m")
 # Parameters that change what a sample means: a rerun must use the same ones.
 DATASET_PARAMETERS = ("kernel", "stride", "dilation", "window_seconds", "backend", "model",
                       "world_frame", "max_points", "conf_percentile", "min_conf", "resize_mode",
@@ -54,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io = p.add_argument_group("input and output")
     io.add_argument("--root", required=True, help="output folder; reruns on it append")
-    io.add_argument("--videos", nargs="+", required=True,
-                    help="video files, folders (searched recursively), globs, or .txt lists (one path a line)")
+    io.add_argument("--videos", nargs="+", default=None,
+                    help="video files, folders (searched recursively), globs, or .txt lists (one path a line); "
+                         "without it, one path a line on standard input (find ... | extract_dataset.py ...)")
     io.add_argument("--files-per-dir", type=int, default=500, help="samples per shard folder")
     io.add_argument("--shard-format", default="dir", choices=("dir", "tar"),
                     help="dir: a folder of files per shard; tar: one OUT/<rank>/<shard>.tar per shard "
@@ -121,22 +125,81 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"argument {name}: {message}")
     if args.window_seconds is not None:
         args.dilation = None  # per video, recorded in every sample
+    if args.videos is None:
+        args.videos = videos_from_stdin(parser)
     return args
 
 
-def list_videos(sources: list[str]) -> list[str]:
+def videos_from_stdin(parser: argparse.ArgumentParser, stdin=None) -> list[str]:
+    """No --videos: one path a line from standard input when it is not a terminal (a pipe or a
+    file), else the one-line usage error naming both ways."""
+    stdin = sys.stdin if stdin is None else stdin
+    if stdin is None or stdin.closed or stdin.isatty():
+        parser.error("argument --videos: give video files or folders with --videos, "
+                     "or pipe one path a line on standard input (find /data -name '*.mp4' | ...)")
+    try:
+        lines = [line.strip() for line in stdin]
+    except (OSError, UnicodeDecodeError) as e:
+        parser.error(f"argument --videos: cannot read paths from standard input: {e}")
+    paths = [line for line in lines if line and not line.startswith("#")]
+    if not paths:
+        parser.error("argument --videos: standard input gave no paths (pipe one path a line, or use --videos)")
+    return [STDIN_PREFIX + p for p in paths]
+
+
+STDIN_PREFIX = "\0stdin:"  # marks a path read from standard input: taken as a file, never a glob or list
+
+
+def is_video_name(name: str) -> bool:
+    return name.lower().endswith(VIDEO_EXTENSIONS)
+
+
+def skipped_line(skipped: dict[str, int]) -> str | None:
+    """'skipped 12 files that are not videos: .txt 10, .json 2' (None when nothing was skipped)."""
+    total = sum(skipped.values())
+    if not total:
+        return None
+    parts = ", ".join(f"{ext} {n}" for ext, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"skipped {total} file{'s' if total != 1 else ''} that {'are' if total != 1 else 'is'} not " \
+           f"video{'s' if total != 1 else ''}: {parts}"
+
+
+def list_videos(sources: list[str], skipped: dict[str, int] | None = None) -> list[str]:
     """Video paths from files, folders (recursive), globs and .txt lists: de-duplicated (same file
-    reached twice) and sorted, so every run orders the same inputs the same way."""
+    reached twice) and sorted, so every run orders the same inputs the same way. Files a folder or
+    glob reaches that are not videos (by extension, VIDEO_EXTENSIONS) are counted in `skipped`
+    (extension -> count; "(none)" for names without one)."""
+    skipped = {} if skipped is None else skipped
+
+    def keep(paths: list[str]) -> list[str]:
+        videos = []
+        for path in paths:
+            if is_video_name(path):
+                videos.append(path)
+            else:
+                ext = os.path.splitext(path)[1].lower() or "(none)"
+                skipped[ext] = skipped.get(ext, 0) + 1
+        return videos
+
     found: list[str] = []
     for source in sources:
-        if any(c in source for c in "*?["):
+        if source.startswith(STDIN_PREFIX):  # a line of standard input: one file
+            path = source[len(STDIN_PREFIX):]
+            if os.path.isdir(path):
+                for folder, _, files in os.walk(path):
+                    found += keep([os.path.join(folder, f) for f in files])
+            elif os.path.isfile(path):
+                found.append(path)
+            else:
+                raise UsageError(f"argument --videos: no such file or folder (from standard input): {path}")
+        elif any(c in source for c in "*?["):
             matches = sorted(glob.glob(source, recursive=True))
             if not matches:
                 raise UsageError(f"argument --videos: glob matches nothing: {source}")
-            found += [m for m in matches if m.lower().endswith(VIDEO_EXTENSIONS) and os.path.isfile(m)]
+            found += keep([m for m in matches if os.path.isfile(m)])
         elif os.path.isdir(source):
             for folder, _, files in os.walk(source):
-                found += [os.path.join(folder, f) for f in files if f.lower().endswith(VIDEO_EXTENSIONS)]
+                found += keep([os.path.join(folder, f) for f in files])
         elif os.path.isfile(source) and source.lower().endswith(".txt"):
             try:
                 with open(source, encoding="utf-8") as f:
@@ -568,6 +631,9 @@ class CpuCostWarning:
 
 
 def dry_run(videos: list[str], args, status: dict[str, dict]) -> int:
+    """The windows each video gives. Frame counts are the decoder's: the container's own count where
+    its index is trusted (MP4/MOV/MKV/WebM with unique timestamps), else counted by decoding the
+    video (no colour conversion), so the total is what a run writes for every file that decodes."""
     from frames import DecodeError, FrameSource
     from pipeline import WindowSettings
     from window import num_windows
@@ -580,14 +646,18 @@ def dry_run(videos: list[str], args, status: dict[str, dict]) -> int:
             print(f"{'done':>8} {'':>8} {'':>7} {'':>4}  {video}")
             continue
         try:
-            info = FrameSource(video, args.resize_mode).info
+            source = FrameSource(video, args.resize_mode)
+            info = source.info
+            num_frames = source.count_frames()
         except DecodeError as e:
             print(f"{'failed':>8} {'':>8} {'':>7} {'':>4}  {video}: {e}")
             continue
         dilation = settings.dilation_for(info.fps)
-        count = num_windows(info.num_frames, args.kernel, args.stride, dilation)
+        count = num_windows(num_frames, args.kernel, args.stride, dilation)
         total += count
-        print(f"{count:8d} {info.num_frames:8d} {info.fps:7.2f} {dilation:4d}  {video}")
+        print(f"{count:8d} {num_frames:8d} {info.fps:7.2f} {dilation:4d}  {video}")
+    if getattr(args, "not_videos", None):
+        print(args.not_videos)
     print(f"total: {total} samples from {len(videos)} videos")
     return 0
 
@@ -771,9 +841,14 @@ def start_workers(ray, args, count: int, gpus: int) -> tuple[dict, dict[int, int
 
 
 def run(args: argparse.Namespace) -> int:
-    videos = list_videos(args.videos)
+    skipped: dict[str, int] = {}
+    videos = list_videos(args.videos, skipped)
+    not_videos = skipped_line(skipped)
     if not videos:
-        raise UsageError("argument --videos: no video files found")
+        raise UsageError("argument --videos: no video files found" + (f" ({not_videos})" if not_videos else ""))
+    if not_videos and not args.dry_run:
+        print(not_videos, file=sys.stderr)
+    args.not_videos = not_videos
     if os.path.exists(args.root) and not os.path.isdir(args.root):
         raise UsageError(f"argument --root: {args.root} exists and is not a folder")
     if args.dry_run:  # reads only: creates no root, takes no lock, loads no model

@@ -49,11 +49,11 @@ class VideoTask:
 @dataclass
 class VideoStart:
     video: str
-    num_frames: int
+    num_frames: int  # the container's count: an estimate (the decoded count is in VideoResult)
     fps: float
     dilation: int
-    windows: int  # windows of the whole video
-    windows_todo: int  # after resuming
+    windows: int  # windows of the whole video, estimated from num_frames
+    windows_todo: int  # after resuming, estimated
 
 
 @dataclass
@@ -62,8 +62,8 @@ class VideoResult:
     status: str  # "done" | "no_windows" | "failed"
     reason: str = ""
     samples: int = 0  # written in this attempt
-    windows: int = 0
-    num_frames: int = 0
+    windows: int = 0  # windows of the whole video, from the decoded count
+    num_frames: int = 0  # decoded frames (the container's estimate if decoding failed before the end)
     fps: float = 0.0
     dilation: int = 0
 
@@ -186,12 +186,11 @@ class Pipeline:
             info = source.info
             dilation = s.dilation_for(info.fps)
             result.num_frames, result.fps, result.dilation = info.num_frames, info.fps, dilation
-            result.windows = num_windows(info.num_frames, s.kernel, s.stride, dilation)
             after = task.after_focal  # the resume point: the driver's (sample_format.resume_points)
+            # the container's count is an estimate (progress); the decoded count decides, at the end
+            estimate = num_windows(info.num_frames, s.kernel, s.stride, dilation)
             todo = num_windows(info.num_frames, s.kernel, s.stride, dilation, after)
-            self._windows.put(VideoStart(task.video, info.num_frames, info.fps, dilation, result.windows, todo))
-            if result.windows == 0:
-                result.status = "no_windows"
+            self._windows.put(VideoStart(task.video, info.num_frames, info.fps, dilation, estimate, todo))
             started = time.perf_counter()
             for window in source.windows(s.kernel, s.stride, dilation, after):
                 self.stats.stat_update("decode_seconds", time.perf_counter() - started)
@@ -199,6 +198,10 @@ class Pipeline:
                 self._put(self._windows, window, "decode_blocked_seconds")
                 started = time.perf_counter()
             self.stats.stat_update("frames_decoded", source.frames_decoded)
+            result.num_frames = source.num_frames  # decoded: frame i is the decoder's i-th frame
+            result.windows = num_windows(source.num_frames, s.kernel, s.stride, dilation)
+            if result.windows == 0:
+                result.status = "no_windows"
             source.close()
         except (DecodeError, ValueError, OSError) as e:
             result.status, result.reason = "failed", str(e)

@@ -104,14 +104,15 @@ class Result:
 class Tool:
     """One `python extract_dataset.py ...` in its own session; output goes to files (no pipe stalls)."""
 
-    def __init__(self, args: list[str], logs: Path, env: dict[str, str] | None = None):
+    def __init__(self, args: list[str], logs: Path, env: dict[str, str] | None = None, stdin=subprocess.DEVNULL):
         logs.mkdir(parents=True, exist_ok=True)
         self.logs = logs
         self.out_path, self.err_path = logs / "stdout.txt", logs / "stderr.txt"
         self.started = time.monotonic()
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
             self.proc = subprocess.Popen([sys.executable, str(TOOL), *map(str, args)], cwd=REPO,
-                                         env=env or tool_env(), stdout=out, stderr=err, start_new_session=True)
+                                         env=env or tool_env(), stdin=stdin, stdout=out, stderr=err,
+                                         start_new_session=True)
 
     @property
     def sid(self) -> int:
@@ -133,8 +134,9 @@ class Tool:
         kill_session(self.sid)
 
 
-def run_tool(args: list[str], logs: Path, env: dict[str, str] | None = None, timeout: float = 300) -> Result:
-    tool = Tool(args, logs, env)
+def run_tool(args: list[str], logs: Path, env: dict[str, str] | None = None, timeout: float = 300,
+             stdin=subprocess.DEVNULL) -> Result:
+    tool = Tool(args, logs, env, stdin)
     try:
         return tool.wait(timeout)
     finally:
@@ -618,3 +620,99 @@ def test_two_node_cluster_through_address(tmp_path, clips, two_node_cluster):
     expected = {str(v): expected_focals(GOOD_LENGTHS[v.name]) for v in videos}
     records = check_root(root, expected, FILES_PER_DIR)
     assert {r["rank"] for r in records} == {0, 1}
+
+
+# ----------------------------------------------------------------------------- 9. every container, stdin, skipped files
+
+ZERO = ["--backend", "benchmark:make_zero", "--max-points", "100"]  # no barcodes needed: any picture
+CARD = ["--kernel", "5", "--stride", "3", "--dilation", "2"]  # the design card's windows
+
+
+@pytest.fixture(scope="module")
+def every_container(tmp_path_factory) -> tuple[Path, dict[str, int]]:
+    """A folder holding one file of every container/codec of the corpus (tests/videos.py) that this
+    ffmpeg build can make, and three files that are not videos. -> (folder, name -> frame count of the
+    ffmpeg program's own decode)."""
+    pytest.importorskip("imageio_ffmpeg")
+    folder = tmp_path_factory.mktemp("containers")
+    made = vids.build_corpus(folder / "all")
+    counts = {}
+    for name, path in made.items():
+        if isinstance(path, Path):
+            counts[name] = len(vids.ffmpeg_decode_upright(path))
+    (folder / "all" / "notes.txt").write_text("not a video\n")
+    (folder / "all" / "more.TXT").write_text("not a video\n")
+    (folder / "all" / "meta.json").write_text("{}\n")
+    assert len(counts) >= 30, f"the corpus lacks formats: {sorted(set(made) - set(counts))}"
+    return folder / "all", counts
+
+
+def test_every_container_in_a_folder_gives_exactly_its_windows(tmp_path, every_container):
+    """A folder, as a user passes it: --dry-run predicts exactly the samples the run writes; every
+    file gives the windows of the frames the ffmpeg program decodes; the files that are not videos
+    are reported on one line; the run exits 0."""
+    folder, counts = every_container
+    root = tmp_path / "out"
+    expected = {str(folder / name): {w.focal_frame for w in windows(n, 5, 3, 2)} for name, n in counts.items()}
+    total = sum(len(v) for v in expected.values())
+    skipped = "skipped 3 files that are not videos: .txt 2, .json 1"
+
+    dry = run_tool(["--root", root, "--videos", folder, *CARD, *ZERO, "--dry-run"], tmp_path / "dry", timeout=240)
+    assert dry.rc == 0, explain(dry)
+    assert dry.stdout.splitlines()[-1] == f"total: {total} samples from {len(counts)} videos", explain(dry)
+    assert skipped in dry.stdout.splitlines()
+
+    result = run_tool(["--root", root, "--videos", folder, *CARD, *ZERO, "--no-progress"], tmp_path / "run",
+                      timeout=600)
+    assert result.rc == 0, explain(result)
+    assert skipped in result.stderr.splitlines()
+    check_root(root, expected, 500, load_files=False)
+    status = video_records(root)
+    for name, n in counts.items():
+        record = status[str(folder / name)]
+        assert record["status"] == "done" and record["num_frames"] == n, record
+    assert f"videos: {len(counts)} done, 0 too short for one window, 0 failed" in result.stderr
+
+
+def test_the_cards_command_reads_videos_from_a_pipe(tmp_path, every_container):
+    """`find /data -name '*.mp4' | python extract_dataset.py --root out --kernel 5 --stride 3 --dilation 2`."""
+    folder, counts = every_container
+    names = [n for n in ("h264.m4v", "xvid_packed.avi", "mpeg2_cut.mpg", "vfr.mkv") if n in counts]
+    listing = "".join(f"{folder / n}\n" for n in names) + "\n"
+    root = tmp_path / "out"
+    with open(tmp_path / "list", "w") as f:
+        f.write(listing)
+    with open(tmp_path / "list") as stdin:
+        result = run_tool(["--root", root, *CARD, *ZERO, "--no-progress"], tmp_path / "logs", stdin=stdin)
+    assert result.rc == 0, explain(result)
+    expected = {str(folder / n): {w.focal_frame for w in windows(counts[n], 5, 3, 2)} for n in names}
+    check_root(root, expected, 500, load_files=False)
+    assert f"{len(names)} videos: 0 already done, {len(names)} to do" in result.stderr
+
+
+def test_no_videos_on_a_terminal_names_both_ways(tmp_path):
+    import pty
+
+    controller, terminal = pty.openpty()
+    try:
+        result = run_tool(["--root", tmp_path / "out", *CARD], tmp_path / "logs", timeout=60, stdin=terminal)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert result.rc == 2, explain(result)
+    line, = result.stderr.strip().splitlines()
+    assert "--videos" in line and "standard input" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_listing_counts_what_is_not_a_video(tmp_path):
+    import extract_dataset as tool
+
+    for name in ("a.MP4", "b.mts", "c.Mpg", "d.y4m", "e.3g2", "notes.txt", "README", "x.json", "y.json"):
+        (tmp_path / name).write_text("x")
+    skipped: dict[str, int] = {}
+    found = tool.list_videos([str(tmp_path)], skipped)
+    assert [Path(p).name for p in found] == ["a.MP4", "b.mts", "c.Mpg", "d.y4m", "e.3g2"]
+    assert skipped == {".txt": 1, "(none)": 1, ".json": 2}
+    assert tool.skipped_line(skipped) == "skipped 4 files that are not videos: .json 2, (none) 1, .txt 1"
+    assert tool.skipped_line({}) is None

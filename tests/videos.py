@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -303,3 +304,138 @@ def ffmpeg_decode_upright(path: str | Path) -> np.ndarray:
     if len(out) % (w * h * 3):
         raise RuntimeError(f"ffmpeg returned {len(out)} bytes, not a multiple of {w}x{h}x3")
     return np.frombuffer(out, np.uint8).reshape(-1, h, w, 3).copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# a corpus of containers and codecs, made by the ffmpeg program
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """One file of the corpus: `ffmpeg <source> <args> name`, from `source` (a lavfi test pattern of
+    `frames` frames at `size`, 25 fps) or, with `derive_from`, from another corpus file."""
+
+    name: str
+    args: tuple[str, ...]
+    encoder: str = ""  # needed encoder (the case is skipped, with a reason, when the build lacks it)
+    size: str = "160x120"
+    frames: int = 40
+    derive_from: str = ""  # a corpus file this one is made from (stream copy); its args follow `-i`
+    input_args: tuple[str, ...] = ()  # options before `-i` (of the derived-from file)
+    about: str = ""
+
+
+_H264 = ("-c:v", "libx264", "-bf", "3", "-g", "12", "-pix_fmt", "yuv420p")
+CORPUS: tuple[CorpusSpec, ...] = (
+    CorpusSpec("h264_bframes.ts", _H264, "libx264", about="H.264 with B-frames in MPEG-TS"),
+    CorpusSpec("h264_bframes.mts", (*_H264, "-f", "mpegts"), "libx264", about="AVCHD-style .mts"),
+    CorpusSpec("h264_bframes.m2ts", (*_H264, "-f", "mpegts", "-mpegts_m2ts_mode", "1"), "libx264",
+               about="Blu-ray style .m2ts (192-byte packets)"),
+    CorpusSpec("h264_bframes.mkv", _H264, "libx264", about="H.264 with B-frames in Matroska"),
+    CorpusSpec("h264.mov", _H264, "libx264"),
+    CorpusSpec("h264.m4v", _H264, "libx264"),
+    CorpusSpec("h264.flv", ("-c:v", "libx264", "-pix_fmt", "yuv420p"), "libx264"),
+    CorpusSpec("h264.f4v", ("-c:v", "libx264", "-pix_fmt", "yuv420p", "-f", "mp4"), "libx264"),
+    CorpusSpec("open_gop.mp4", (*_H264, "-x264-params", "open-gop=1:keyint=12"), "libx264", about="open GOPs"),
+    CorpusSpec("open_gop.ts", (*_H264, "-x264-params", "open-gop=1:keyint=12"), "libx264"),
+    CorpusSpec("vfr.mkv", ("-vf", r"setpts=PTS+if(gte(N\,15)\,0.5/TB\,0)+if(gte(N\,30)\,1.3/TB\,0)",
+                           "-fps_mode", "passthrough", *_H264), "libx264", about="variable frame rate (gaps)"),
+    CorpusSpec("vfr.mp4", ("-vf", r"setpts=PTS+if(gte(N\,15)\,0.5/TB\,0)+if(gte(N\,30)\,1.3/TB\,0)",
+                           "-fps_mode", "passthrough", *_H264), "libx264"),
+    CorpusSpec("gop30.mp4", ("-c:v", "libx264", "-bf", "2", "-g", "30", "-pix_fmt", "yuv420p"), "libx264", frames=60),
+    CorpusSpec("trimmed_edit_list.mp4", ("-c", "copy"), derive_from="gop30.mp4", input_args=("-ss", "0.5"),
+               about="stream copy cut at a non-keyframe: an edit list hides the GOP's first packets"),
+    CorpusSpec("rotated90.mp4", ("-c", "copy"), derive_from="h264.mov", input_args=("-display_rotation:v:0", "90"),
+               about="display matrix (phone video)"),
+    CorpusSpec("mpeg2_bframes.mpg", ("-c:v", "mpeg2video", "-bf", "2", "-g", "12", "-f", "mpeg"), "mpeg2video",
+               about="MPEG-2 with B-frames in an MPEG program stream"),
+    CorpusSpec("mpeg2.mpeg", ("-c:v", "mpeg2video", "-bf", "2", "-g", "12", "-f", "vob"), "mpeg2video"),
+    CorpusSpec("mpeg2.vob", ("-c:v", "mpeg2video", "-bf", "2", "-g", "12", "-f", "vob"), "mpeg2video"),
+    CorpusSpec("mpeg2.m2v", ("-c:v", "mpeg2video", "-bf", "2", "-g", "12"), "mpeg2video", about="elementary stream"),
+    CorpusSpec("mpeg2_cut.mpg", ("-c", "copy", "-f", "mpeg"), derive_from="mpeg2_bframes.mpg", input_args=("-ss", "0.3"),
+               about="program stream cut by stream copy: the decoder drops B-frames before the first I-frame "
+                     "(fewer frames than packets)"),
+    CorpusSpec("xvid_packed.avi", ("-c:v", "libxvid", "-bf", "2", "-g", "12"), "libxvid",
+               about="XviD with packed B-frames in AVI (decoder output order != packet pts order)"),
+    CorpusSpec("mpeg4_bframes.avi", ("-c:v", "mpeg4", "-bf", "2", "-g", "12", "-vtag", "XVID"), "mpeg4"),
+    CorpusSpec("mpeg4_bframes.mp4", ("-c:v", "mpeg4", "-bf", "2", "-g", "12"), "mpeg4"),
+    CorpusSpec("flv1.flv", ("-c:v", "flv",), "flv"),
+    CorpusSpec("wmv2.wmv", ("-c:v", "wmv2",), "wmv2"),
+    CorpusSpec("wmv2.asf", ("-c:v", "wmv2",), "wmv2"),
+    CorpusSpec("h263.3gp", ("-c:v", "h263",), "h263", size="176x144"),
+    CorpusSpec("h263.3g2", ("-c:v", "h263",), "h263", size="176x144"),
+    CorpusSpec("hevc10.mp4", ("-c:v", "libx265", "-pix_fmt", "yuv420p10le", "-x265-params", "log-level=error:bframes=3",
+                              "-tag:v", "hvc1"), "libx265", about="10-bit HEVC"),
+    CorpusSpec("hevc.mkv", ("-c:v", "libx265", "-pix_fmt", "yuv420p", "-x265-params", "log-level=error"), "libx265"),
+    CorpusSpec("mjpeg.avi", ("-c:v", "mjpeg", "-q:v", "3"), "mjpeg"),
+    CorpusSpec("prores.mov", ("-c:v", "prores_ks",), "prores_ks", frames=24),
+    CorpusSpec("theora.ogv", ("-c:v", "libtheora", "-q:v", "7"), "libtheora"),
+    CorpusSpec("vp8.webm", ("-c:v", "libvpx", "-b:v", "500k"), "libvpx"),
+    CorpusSpec("vp9.webm", ("-c:v", "libvpx-vp9", "-b:v", "300k", "-deadline", "realtime", "-cpu-used", "8"),
+               "libvpx-vp9"),
+    CorpusSpec("av1.mp4", ("-c:v", "libsvtav1", "-preset", "12", "-svtav1-params", "log-level=0"), "libsvtav1",
+               frames=24),
+    CorpusSpec("av1_aom.mkv", ("-c:v", "libaom-av1", "-cpu-used", "8", "-crf", "40"), "libaom-av1", frames=12,
+               size="64x48"),
+    CorpusSpec("dv.dv", ("-c:v", "dvvideo", "-pix_fmt", "yuv411p"), "dvvideo", size="720x480", frames=10),
+    CorpusSpec("mpeg2.mxf", ("-c:v", "mpeg2video", "-b:v", "2M"), "mpeg2video", frames=20),
+    CorpusSpec("raw.y4m", ("-pix_fmt", "yuv420p"), size="64x48", frames=20),
+)
+
+
+def ffmpeg_exe() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def ffmpeg_encoders() -> set[str]:
+    out = subprocess.run([ffmpeg_exe(), "-hide_banner", "-encoders"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[1] for line in out.splitlines() if line.startswith(" V") and len(line.split()) > 1}
+
+
+def build_corpus(folder: str | Path, names: Iterable[str] | None = None) -> dict[str, Path | str]:
+    """Make the corpus files (or those named) in `folder` with the ffmpeg program: name -> path, or
+    name -> the reason it could not be made (an encoder this build lacks)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    encoders = ffmpeg_encoders()
+    by_name = {spec.name: spec for spec in CORPUS}
+    wanted = list(by_name) if names is None else list(names)
+    made: dict[str, Path | str] = {}
+
+    def make(name: str) -> Path | str:
+        if name in made:
+            return made[name]
+        spec = by_name[name]
+        path = folder / name
+        if spec.derive_from:
+            source = make(spec.derive_from)
+            if isinstance(source, str):
+                made[name] = f"made from {spec.derive_from}, which could not be made: {source}"
+                return made[name]
+            cmd = [*spec.input_args, "-i", str(source)]
+        elif spec.encoder and spec.encoder not in encoders:
+            made[name] = f"this ffmpeg build has no {spec.encoder} encoder"
+            return made[name]
+        else:
+            cmd = ["-f", "lavfi", "-i", f"testsrc2=size={spec.size}:rate=25", "-frames:v", str(spec.frames)]
+        result = subprocess.run([ffmpeg_exe(), "-v", "error", "-y", *cmd, "-an", *spec.args, str(path)],
+                                capture_output=True, text=True)
+        if result.returncode != 0 or not path.exists():
+            made[name] = f"ffmpeg could not make it: {result.stderr.strip()[-300:]}"
+        else:
+            made[name] = path
+        return made[name]
+
+    for name in wanted:
+        make(name)
+    return {name: made[name] for name in wanted}
+
+
+def ffmpeg_probe_size(path: str | Path) -> tuple[int, int]:
+    """Upright width and height, as the ffmpeg program outputs the frames (display matrix applied)."""
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+        w, h, rotation = frame.width, frame.height, frame.rotation or 0
+    return (h, w) if rotation % 180 else (w, h)
