@@ -4,6 +4,7 @@
     python benchmark.py --backend tiny --seconds 3        # tiny random VGGT (needs the vggt package)
     python benchmark.py --backend vggt --device cuda --batch-size 1 4 8 16 --heads off
     python benchmark.py --rss-check                       # peak RSS: 10-minute vs 10-second 360p video
+    python benchmark.py --shots-cost --sizes 1080p        # shot detector cost vs decode-only (--shots detect)
 
 For every video and every --batch-size B, side by side in one run (medians over --repeats):
   e2e         pipeline.Pipeline (decode thread -> model thread, B windows per forward -> writer
@@ -602,6 +603,75 @@ def rss_check(args) -> None:
               f"{r['peak_rss'] / 2**20:>11.0f} | {r['ru_maxrss'] / 2**20:>12.0f} | {r['peak_rss'] / base:>7.3f}")
 
 
+# ----------------------------------------------------------------------------- shot detection cost
+
+
+def shots_cost(args) -> None:
+    """What --shots detect adds to decoding, side by side on each video (medians over --repeats,
+    the variants interleaved): one table.
+
+      decode-only   FrameSource.windows (--shots off): the needed frames decoded + resized
+      all frames    every frame decoded by PyAV, nothing converted (what detection must at least read)
+      +small        ... plus each frame's 48x27 RGB copy (FFmpeg's scaler), the detector's input
+      detector      TransNetV2 on those copies (--device), seconds and frames/s
+      shots e2e     FrameSource.shot_windows with the detector: the decode stage of --shots detect
+      cost          (shots e2e - decode-only) / decode-only: what detection adds to the decode stage
+    """
+    import av
+
+    from shots import ShotDetector, TransNetV2Scores, load_transnetv2, small_copy
+
+    videos = args.videos or [cached_video(args.workdir, size, args.seconds, args.fps) for size in args.sizes]
+    model = load_transnetv2(args.device)
+    settings = WindowSettings(args.kernel, args.stride, args.dilation, None, args.resize_mode)
+
+    def plain(video):
+        source = FrameSource(video, settings.resize_mode)
+        return sum(1 for _ in source.windows(settings.kernel, settings.stride, settings.dilation))
+
+    def every_frame(video, small: bool):
+        smalls = []
+        with av.open(video) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                if small:
+                    smalls.append(small_copy(frame))
+        return smalls
+
+    def shot_windows(video):
+        source = FrameSource(video, settings.resize_mode)
+        return sum(1 for _ in source.shot_windows(settings.kernel, settings.stride, settings.dilation,
+                                                  ShotDetector(model)))
+
+    print(f"# shots cost: detector TransNetV2 on {args.device}, torch_threads={torch.get_num_threads()}, "
+          f"kernel={args.kernel} stride={args.stride} dilation={args.dilation}, repeats={args.repeats} (medians)")
+    print(f"{'video':>28} | {'frames':>6} | {'decode-only s':>13} | {'all frames s':>12} | {'+small s':>8} | "
+          f"{'detector s':>10} | {'det f/s':>7} | {'shots e2e s':>11} | {'cost':>6}")
+    print("-" * 128)
+    for video in videos:
+        times: dict[str, list[float]] = {}
+        smalls: list = []
+        for _ in range(args.repeats):
+            for name, run in (("plain", lambda: plain(video)), ("all", lambda: every_frame(video, False)),
+                              ("small", lambda: every_frame(video, True)), ("shots", lambda: shot_windows(video))):
+                started = time.perf_counter()
+                out = run()
+                times.setdefault(name, []).append(time.perf_counter() - started)
+                if name == "small":
+                    smalls = out
+            scorer = TransNetV2Scores(model)
+            for small in smalls:
+                scorer.push(small)
+            scorer.finish()
+            sync(torch.device(args.device))
+            times.setdefault("detector", []).append(scorer.seconds)
+        m = {k: median(v) for k, v in times.items()}
+        print(f"{os.path.basename(video)[-28:]:>28} | {len(smalls):>6} | {m['plain']:>13.2f} | {m['all']:>12.2f} | "
+              f"{m['small']:>8.2f} | {m['detector']:>10.2f} | {len(smalls) / m['detector']:>7.0f} | "
+              f"{m['shots']:>11.2f} | {(m['shots'] - m['plain']) / m['plain']:>+6.0%}")
+
+
 # ----------------------------------------------------------------------------- arguments
 
 
@@ -641,6 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or the peak of this process during the e2e runs (includes everything loaded before)")
     p.add_argument("--rss-check", action="store_true",
                    help="instead: peak RSS of one pipeline on a long 360p video vs a 10-second one, each in a subprocess")
+    p.add_argument("--shots-cost", action="store_true",
+                   help="instead: what shot detection (--shots detect) adds to decode-only time, one table")
     p.add_argument("--rss-minutes", type=float, default=10.0)
     p.add_argument("--rss-fps", type=float, default=30.0)
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
@@ -662,6 +734,9 @@ def main(argv=None) -> int:
         return 0
     if args.rss_check:
         rss_check(args)
+        return 0
+    if args.shots_cost:
+        shots_cost(args)
         return 0
     rows = run_benchmark(args)
     print(f"# backend={args.backend} heads={args.heads} device={args.device} precision={args.precision} "

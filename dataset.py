@@ -74,9 +74,11 @@ COLUMNS = {
     "shot_index": np.int32,
     "shot_first_frame": np.int32,
     "shot_last_frame": np.int32,
+    "window_first": np.int32,  # the window's first and last frame (min_cut_distance)
+    "window_last": np.int32,
 }
 CACHE_MAGIC = b"VGGTCOL1"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 PARSE_CHUNK = 65536
 
 
@@ -100,6 +102,8 @@ class VGGTDataset(torch.utils.data.Dataset):
         the shot's range from its video's "shots" in OUT/videos.jsonl; a video with no shot
         information counts as one shot of its "num_frames"; a shot whose length is not known yet
         (video still being extracted) drops the sample.
+    min_cut_distance: keep samples whose window stays at least this many frames away from both
+        ends of its shot (its cuts or transitions), the shot's range found as for min_shot_frames.
     """
 
     def __init__(self, root: str, *, num_points: int | None = None, seed: int | None = None,
@@ -107,7 +111,8 @@ class VGGTDataset(torch.utils.data.Dataset):
                  filter: Callable[[dict], bool] | None = None,
                  min_kept_fraction: float | None = None, min_conf_p50: float | None = None,
                  min_points: int | None = None, videos: Iterable[str] | None = None,
-                 min_shot_frames: int | None = None, ranks: Iterable[int] | None = None):
+                 min_shot_frames: int | None = None, ranks: Iterable[int] | None = None,
+                 min_cut_distance: int | None = None):
         if rgb not in ("float", "uint8"):
             raise ValueError(f"rgb must be 'float' or 'uint8', got {rgb!r}")
         if num_points is not None and num_points < 1:
@@ -122,7 +127,7 @@ class VGGTDataset(torch.utils.data.Dataset):
             if not os.path.isdir(root):
                 raise FileNotFoundError(f"no dataset at {root}")
             ranks = rank_numbers(root)
-        shots = _video_shots(root) if min_shot_frames is not None else None
+        shots = _video_shots(root) if min_shot_frames is not None or min_cut_distance is not None else None
         wanted = None if videos is None else set(videos)
         self._parts: list[_RankPart] = []
         for rank in ranks:
@@ -140,7 +145,12 @@ class VGGTDataset(torch.utils.data.Dataset):
                 codes = [code for code, name in enumerate(part.videos) if name in wanted]
                 keep &= np.isin(cols["video"], np.asarray(codes, np.int32))
             if shots is not None:
-                keep &= _shot_lengths(cols, part.videos, shots) >= min_shot_frames
+                first, last = _shot_ranges(cols, part.videos, shots)  # NaN: not known, dropped
+                if min_shot_frames is not None:
+                    keep &= last - first + 1 >= min_shot_frames
+                if min_cut_distance is not None:
+                    keep &= (cols["window_first"] - first >= min_cut_distance) & (
+                        last - cols["window_last"] >= min_cut_distance)
             rows = np.flatnonzero(keep)
             if filter is not None:
                 rows = np.asarray([row for row in rows.tolist() if filter(part.record(row))], np.int64)
@@ -438,6 +448,9 @@ def _parse_index(index: str, start: int, lines: int, videos: list[str]
         b["shot_index"].append(r.get("shot_index", 0))
         b["shot_first_frame"].append(r.get("shot_first_frame", 0))
         b["shot_last_frame"].append(r.get("shot_last_frame", -1))
+        window = r.get("window_frame_indices") or [r.get("frame_index", -1)]
+        b["window_first"].append(window[0])
+        b["window_last"].append(window[-1])
         end = line_end
         added += 1
         if len(b["offset"]) >= PARSE_CHUNK:
@@ -535,30 +548,35 @@ def _video_shots(root: str) -> dict[str, tuple[int, list]]:
     return info
 
 
-def _shot_lengths(cols: dict[str, np.ndarray], videos: list[str], shots: dict[str, tuple[int, list]]) -> np.ndarray:
-    """Frames in each row's shot (float; NaN where not known yet)."""
-    first, last = cols["shot_first_frame"].astype(np.int64), cols["shot_last_frame"].astype(np.int64)
-    length = np.where(last >= 0, last - first + 1, np.nan)
-    unknown = np.flatnonzero(last < 0)
+def _shot_ranges(cols: dict[str, np.ndarray], videos: list[str], shots: dict[str, tuple[int, list]]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's shot as float (first, last) frames, NaN where not known yet: the sample's own
+    when it was written after its shot ended, else its video's "shots" in videos.jsonl by
+    shot_index, else (no shot information) the whole video."""
+    first = cols["shot_first_frame"].astype(np.float64)
+    last = np.where(cols["shot_last_frame"] >= 0, cols["shot_last_frame"], np.nan).astype(np.float64)
+    unknown = np.flatnonzero(np.isnan(last))
     if len(unknown) == 0:
-        return length
-    # per video code: its shots as one flat table, and its frame count
+        return first, last
     counts = np.zeros(len(videos), np.int64)
     frames = np.full(len(videos), -1, np.int64)
-    flat: list[int] = []
+    flat_first: list[int] = []
+    flat_last: list[int] = []
     for code, name in enumerate(videos):
         num_frames, video_shots = shots.get(name, (-1, []))
         frames[code] = num_frames
         counts[code] = len(video_shots)
-        flat += [int(b) - int(a) + 1 for a, b in video_shots]
+        flat_first += [int(a) for a, _ in video_shots]
+        flat_last += [int(b) for _, b in video_shots]
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(videos) else np.zeros(0, np.int64)
-    flat_lengths = np.asarray(flat + [0], np.float64)
+    table_first, table_last = np.asarray(flat_first + [0], np.float64), np.asarray(flat_last + [0], np.float64)
     code = cols["video"][unknown].astype(np.int64)
     index = cols["shot_index"][unknown].astype(np.int64)
     has_shots = (counts[code] > 0) & (index >= 0) & (index < counts[code])
     whole = (counts[code] == 0) & (frames[code] > 0) & (index == 0)  # no shot information: one shot
-    values = np.full(len(unknown), np.nan)
-    values[has_shots] = flat_lengths[starts[code[has_shots]] + index[has_shots]]
-    values[whole] = frames[code[whole]]
-    length[unknown] = values
-    return length
+    new_first, new_last = np.full(len(unknown), np.nan), np.full(len(unknown), np.nan)
+    at = starts[code[has_shots]] + index[has_shots]
+    new_first[has_shots], new_last[has_shots] = table_first[at], table_last[at]
+    new_first[whole], new_last[whole] = 0, frames[code[whole]] - 1
+    first[unknown], last[unknown] = new_first, new_last
+    return first, last

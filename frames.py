@@ -233,6 +233,97 @@ class FrameSource:
         finally:
             self._stop()
 
+    def shot_windows(self, kernel: int, stride: int, dilation: int, detector, after_focal: int = -1
+                     ) -> Iterator[WindowFrames]:
+        """Windows of each shot (shots.ShotDetector finds them while the video decodes), each shot
+        treated like a video of its own (window.shot_windows); increasing focal order.
+
+        Every frame is decoded, counted from the start (no seeking past unneeded stretches: the
+        detector needs them all, in order), and its 48x27 copy goes to the detector. A frame's shot is
+        known only the detector's lookahead (about 80 frames) after it decoded, so frames a window
+        may need are kept on the model grid until then: memory is bounded by lookahead + one window
+        span, never by video length. After the loop, `self.shots` holds the video's shots and
+        `self.num_frames` its decoded count. Windows with focal <= after_focal (resume) are skipped;
+        the detector still sees every frame, so the shots are the same."""
+        from shots import small_copy, upright_small
+        from window import shot_windows
+
+        half_span = (kernel // 2) * dilation
+        turns = self._probe.turns
+        kept: dict[int, torch.Tensor] = {}  # frame index -> uint8 [H, W, 3] on the model grid
+        times: dict[int, float] = {}
+        batch: list[np.ndarray] = []  # full-resolution upright frames waiting for the resize
+        batch_indices: list[int] = []
+        emitted: dict[int, int] = {}  # first frame of a shot -> last focal handed out
+        done = 0  # shots before this one have handed out all their windows
+        self.shots = []
+        self.max_frames_held = 0  # model-grid frames held at once (memory check in tests)
+
+        def ready() -> Iterator[WindowFrames]:
+            nonlocal done
+            spans = [(s.first_frame, s.last_frame, s.index, s.last_frame) for s in detector.shots[done:]]
+            if detector.open_shot is not None:
+                spans.append((detector.open_shot, detector.final_upto - 1, len(detector.shots), -1))
+            for first, last, index, known_last in spans:
+                after = max(after_focal, emitted.get(first, -1))
+                for window in shot_windows(first, last, kernel, stride, dilation, after):
+                    emitted[first] = window.focal_frame
+                    yield WindowFrames(
+                        video=self.path, window=window, dilation=dilation,
+                        frames=torch.stack([kept[i] for i in window.frame_indices]),
+                        timestamps=tuple(times[i] for i in window.frame_indices),
+                        fps=self.info.fps, shot_index=index, shot_first_frame=first, shot_last_frame=known_last)
+                if known_last >= 0:
+                    done = index + 1
+                    emitted.pop(first, None)
+            # no later window needs a frame before the fate frontier and before the open shot's next window
+            keep_from = detector.final_upto
+            if detector.open_shot is not None:
+                next_first = emitted.get(detector.open_shot, -1) + stride - half_span
+                keep_from = min(keep_from, max(detector.open_shot, next_first))
+            self.max_frames_held = max(self.max_frames_held, len(kept) + len(batch))
+            for i in [i for i in kept if i < keep_from]:
+                del kept[i]
+            for i in [i for i in times if i < keep_from]:
+                del times[i]
+
+        try:
+            to_rgb = _ToRGB()
+            for index, frame, t in self._every_frame():
+                detector.push(upright_small(small_copy(frame), turns))
+                times[index] = t
+                if index + half_span > after_focal:  # a window still to write may use this frame
+                    rgb = to_rgb(frame)
+                    batch.append(np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb)
+                    batch_indices.append(index)
+                    if len(batch) >= READ_CHUNK or detector.final_upto > batch_indices[0]:
+                        self._resize_into(batch, batch_indices, kept)  # a window may need them now
+                yield from ready()
+            detector.finish()
+            self._resize_into(batch, batch_indices, kept)
+            yield from ready()
+            self.shots = list(detector.shots)
+        finally:
+            self._stop()
+
+    def _every_frame(self):
+        """(index, av.VideoFrame, seconds) of every frame, counted from the start of the stream (no
+        seeking: the shot detector sees each frame once, in order); sets self.num_frames at the end."""
+        probe = self._probe
+        self._start()
+        index, last_time = 0, None
+        while True:
+            frame = self._read(index)
+            if frame is None:
+                if probe.indexed and probe.damaged and index < probe.packets:  # a truncated download
+                    raise DecodeError(f"video ended after {index} of the {probe.packets} frames its index "
+                                      f"lists (a truncated or damaged file)")
+                self.num_frames = index
+                return
+            last_time = self._time_of(frame, index, last_time)
+            yield index, frame, last_time
+            index += 1
+
     def _resize_into(self, batch: list[np.ndarray], indices: list[int], kept: dict[int, torch.Tensor]) -> None:
         if batch:
             for i, frame in zip(indices, to_model_grid(torch.from_numpy(np.stack(batch)), self.grid)):

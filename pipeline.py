@@ -23,7 +23,7 @@ from frames import DecodeError, FrameSource, WindowFrames
 from sharded_writer import ShardedWriter
 from sample_format import Sample
 from streaming_vggt import GeometryStage
-from window import dilation_for_seconds, num_windows
+from window import dilation_for_seconds, num_shot_windows, num_windows
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class WindowSettings:
     dilation: int = 1
     window_seconds: float | None = None  # when set, dilation comes from each video's fps
     resize_mode: str = "crop"
+    shots: str = "off"  # "detect": windows restart in every shot (shots.py); "off": the plain convolution
 
     def dilation_for(self, fps: float) -> int:
         if self.window_seconds is None:
@@ -66,6 +67,8 @@ class VideoResult:
     num_frames: int = 0  # decoded frames (the container's estimate if decoding failed before the end)
     fps: float = 0.0
     dilation: int = 0
+    shots: list[list[int]] = field(default_factory=list)  # [[first, last], ...] inclusive; gaps: transitions
+    windows_removed_by_cuts: int = 0  # windows of the plain convolution that shot detection removed
 
 
 class Stats:
@@ -97,8 +100,16 @@ class Pipeline:
     """Feed it VideoTasks with submit(); poll() returns what happened since the last poll."""
 
     def __init__(self, stage: GeometryStage, writer: ShardedWriter, settings: WindowSettings,
-                 batch_size: int = 4, prefetch_windows: int = 16, stats: Stats | None = None):
+                 batch_size: int = 4, prefetch_windows: int = 16, stats: Stats | None = None,
+                 shot_model=None):
         self.stage, self.writer, self.settings = stage, writer, settings
+        if settings.shots not in ("detect", "off"):
+            raise ValueError(f"shots must be 'detect' or 'off', got {settings.shots!r}")
+        if settings.shots == "detect" and shot_model is None:
+            from shots import load_transnetv2
+
+            shot_model = load_transnetv2("cpu")
+        self.shot_model = shot_model  # TransNetV2 on the worker's device (shots.load_transnetv2)
         self.batch_size = batch_size
         self.stats = stats or Stats()
         if hasattr(stage, "stats"):  # GeometryStage splits its time into forward / post-processing
@@ -191,15 +202,19 @@ class Pipeline:
             estimate = num_windows(info.num_frames, s.kernel, s.stride, dilation)
             todo = num_windows(info.num_frames, s.kernel, s.stride, dilation, after)
             self._windows.put(VideoStart(task.video, info.num_frames, info.fps, dilation, estimate, todo))
-            started = time.perf_counter()
-            for window in source.windows(s.kernel, s.stride, dilation, after):
-                self.stats.stat_update("decode_seconds", time.perf_counter() - started)
-                self.stats.stat_update("windows_decoded")
-                self._put(self._windows, window, "decode_blocked_seconds")
+            if s.shots == "detect":
+                self._decode_shots(source, dilation, after)
+            else:
                 started = time.perf_counter()
+                for window in source.windows(s.kernel, s.stride, dilation, after):
+                    self.stats.stat_update("decode_seconds", time.perf_counter() - started)
+                    self.stats.stat_update("windows_decoded")
+                    self._put(self._windows, window, "decode_blocked_seconds")
+                    started = time.perf_counter()
             self.stats.stat_update("frames_decoded", source.frames_decoded)
             result.num_frames = source.num_frames  # decoded: frame i is the decoder's i-th frame
             result.windows = num_windows(source.num_frames, s.kernel, s.stride, dilation)
+            self._record_shots(source, result, dilation)
             if result.windows == 0:
                 result.status = "no_windows"
             source.close()
@@ -208,6 +223,43 @@ class Pipeline:
         except Exception as e:  # anything else this one file provokes fails it, not the worker
             result.status, result.reason = "failed", f"{type(e).__name__}: {str(e).strip()[:300]}"
         self._windows.put(result)
+
+    def _decode_shots(self, source: FrameSource, dilation: int, after: int) -> None:
+        """Windows restarted in every shot the detector finds while the video decodes (the whole
+        video is decoded, also on resume, so shots and windows are the same as in one go)."""
+        from shots import ShotDetector
+
+        s = self.settings
+        detector = ShotDetector(self.shot_model)
+        started = time.perf_counter()
+        detect_before = 0.0
+        for window in source.shot_windows(s.kernel, s.stride, dilation, detector, after):
+            detect_now = detector.scorer.seconds
+            self.stats.stat_update("decode_seconds", time.perf_counter() - started - (detect_now - detect_before))
+            self.stats.stat_update("detect_seconds", detect_now - detect_before)
+            detect_before = detect_now
+            self.stats.stat_update("windows_decoded")
+            self._put(self._windows, window, "decode_blocked_seconds")
+            started = time.perf_counter()
+        detect_now = detector.scorer.seconds
+        self.stats.stat_update("decode_seconds", time.perf_counter() - started - (detect_now - detect_before))
+        self.stats.stat_update("detect_seconds", detect_now - detect_before)
+        self.stats.stat_update("frames_detected", detector.frames_pushed)
+
+    def _record_shots(self, source: FrameSource, result: VideoResult, dilation: int) -> None:
+        """result.shots, and with --shots detect the windows the shots hold and those cuts removed
+        (result.windows comes in as the plain convolution's count over the decoded frames)."""
+        s = self.settings
+        if s.shots != "detect":
+            result.shots = [[0, source.num_frames - 1]] if source.num_frames else []
+            return
+        result.shots = [[shot.first_frame, shot.last_frame] for shot in source.shots]
+        plain = result.windows
+        result.windows = sum(num_shot_windows(a, b, s.kernel, s.stride, dilation) for a, b in result.shots)
+        result.windows_removed_by_cuts = plain - result.windows
+        self.stats.stat_update("windows_removed_by_cuts", result.windows_removed_by_cuts)
+        if plain and not result.windows:
+            result.reason = "every shot is shorter than one window"
 
     # ------------------------------------------------------------------ stage 2: model
 

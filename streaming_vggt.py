@@ -315,11 +315,13 @@ class GeometryStage:
                 window_extrinsics=extrinsic_cpu[b].clone(),
                 window_intrinsics=intrinsic_cpu[b].clone(),
                 points=points_cpu[b].clone(),  # clone: torch.save would otherwise write the whole batch
+                shot_index=getattr(w, "shot_index", 0),
+                shot_first_frame=getattr(w, "shot_first_frame", 0),
+                shot_last_frame=getattr(w, "shot_last_frame", -1),
                 quality={
                     "conf_p10": q[0], "conf_p50": q[1], "conf_p90": q[2],
                     "kept_fraction": q[3], "depth_min": q[4], "depth_max": q[5],
                 },
-                shot_index=w.shot_index, shot_first_frame=w.shot_first_frame, shot_last_frame=w.shot_last_frame,
             ))
         if self.stats is not None:
             self.stats.stat_update("postprocess_seconds", time.perf_counter() - forward_done)

@@ -201,3 +201,18 @@ def dilation_for_seconds(seconds: float, fps: float, kernel: int) -> int:
     if not fps > 0:
         raise ValueError(f"frame rate must be > 0, got {fps}")
     return max(1, round(seconds * fps / (kernel // 2)))
+
+
+def shot_windows(first_frame: int, last_frame: int, kernel: int, stride: int, dilation: int,
+                 after_focal: int = -1) -> Iterator[Window]:
+    """Windows of one shot (frames first_frame..last_frame, inclusive), each shot treated exactly
+    like a video of its own: the plain convolution restarted at `first_frame` (`windows` of that
+    segment), no padding, the shot's first and last half*dilation frames never focal, a shot
+    shorter than a window gives none. `after_focal` skips windows whose focal frame is <= it."""
+    return windows(max(0, last_frame - first_frame + 1), kernel, stride, dilation, after_focal, first_frame)
+
+
+def num_shot_windows(first_frame: int, last_frame: int, kernel: int, stride: int, dilation: int,
+                     after_focal: int = -1) -> int:
+    """How many windows shot_windows gives, without listing them."""
+    return num_windows(max(0, last_frame - first_frame + 1), kernel, stride, dilation, after_focal, first_frame)

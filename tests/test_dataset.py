@@ -575,3 +575,32 @@ def test_ply(oracle_root, tmp_path, ascii_ply):
     rgb = np.stack([vertex["red"], vertex["green"], vertex["blue"]], 1)
     assert np.array_equal(rgb, np.rint(points[:, 3:] * 255).astype(np.uint8))
     assert ("ascii" if ascii_ply else "binary_little_endian") in path.read_bytes()[:60].decode()
+
+
+def test_shot_filters_use_the_final_shot_boundaries(tmp_path):
+    """min_shot_frames / min_cut_distance read each video's shots from videos.jsonl (a sample
+    written while its shot was going on has shot_last_frame -1); unknown shots are dropped."""
+    import dataclasses
+
+    root = tmp_path / "out"
+    shots = {"v/a.mp4": [[0, 40], [46, 60]], "v/b.mp4": [[0, 200]]}
+    samples = []
+    for video, focal, shot in (("v/a.mp4", 5, 0), ("v/a.mp4", 20, 0), ("v/a.mp4", 37, 0), ("v/a.mp4", 52, 1),
+                               ("v/b.mp4", 100, 0), ("v/c.mp4", 10, 0)):
+        first = shots.get(video, [[0, -1]])[shot][0]
+        samples.append(dataclasses.replace(make_sample(len(samples), video, focal), shot_index=shot,
+                                           shot_first_frame=first, shot_last_frame=-1))
+    with ShardedWriter(str(root), 0, FILES_PER_DIR) as writer:
+        for sample in samples:
+            writer.write(sample)
+    with open(root / "videos.jsonl", "w") as f:
+        for video, video_shots in shots.items():
+            f.write(json.dumps({"video": video, "status": "done", "shots": video_shots}) + "\n")
+    assert len(VGGTDataset(str(root))) == 6
+    keys = lambda ds: sorted((r["video"], r["frame_index"]) for r in ds.records())  # noqa: E731
+    # windows are [f-2, f, f+2]; shot 0 of a.mp4 holds 41 frames, shot 1 15, b.mp4's 201; c.mp4: no record
+    assert keys(VGGTDataset(str(root), min_shot_frames=20)) == [("v/a.mp4", 5), ("v/a.mp4", 20), ("v/a.mp4", 37),
+                                                                ("v/b.mp4", 100)]
+    assert keys(VGGTDataset(str(root), min_cut_distance=2)) == [("v/a.mp4", 5), ("v/a.mp4", 20), ("v/a.mp4", 52),
+                                                               ("v/b.mp4", 100)]
+    assert keys(VGGTDataset(str(root), min_cut_distance=4)) == [("v/a.mp4", 20), ("v/a.mp4", 52), ("v/b.mp4", 100)]

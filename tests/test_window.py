@@ -138,3 +138,38 @@ def test_dilation_for_seconds_needs_kernel_3(kernel):
 def test_dilation_for_seconds_bad_numbers(seconds, fps):
     with pytest.raises(ValueError):
         dilation_for_seconds(seconds, fps, 5)
+
+
+# ----------------------------------------------------------------------------- windows of a shot
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    first=st.integers(0, 300),
+    length=st.integers(0, 200),
+    kernel=odd_kernels,
+    stride=st.integers(1, 15),
+    dilation=st.integers(1, 12),
+    after_focal=st.integers(-1, 520),
+)
+@example(first=40, length=9, kernel=5, stride=3, dilation=2, after_focal=-1)  # exactly one window
+@example(first=40, length=8, kernel=5, stride=3, dilation=2, after_focal=-1)  # one frame short: none
+def test_shot_windows_restart_the_convolution_inside_the_shot(first, length, kernel, stride, dilation, after_focal):
+    from window import num_shot_windows, shot_windows
+
+    last = first + length - 1
+    half = kernel // 2
+    got = list(shot_windows(first, last, kernel, stride, dilation, after_focal))
+    # the plain convolution of a video made of the shot's frames alone, shifted to the shot
+    expected = [Window(w.focal_frame + first, tuple(i + first for i in w.frame_indices))
+                for w in reference_windows(length, kernel, stride, dilation) if w.focal_frame + first > after_focal]
+    assert got == expected
+    assert num_shot_windows(first, last, kernel, stride, dilation, after_focal) == len(got)
+    for w in got:
+        assert first <= w.frame_indices[0] and w.frame_indices[-1] <= last  # never a frame outside the shot
+        assert w.focal_frame - first >= half * dilation and last - w.focal_frame >= half * dilation
+    if length < window_span(kernel, dilation):
+        assert got == []
+    if got and after_focal < first:
+        assert got[0].focal_frame == first + half * dilation
+    assert all(b.focal_frame - a.focal_frame == stride for a, b in zip(got, got[1:]))
