@@ -13,8 +13,8 @@ index only; no sample file is opened to select samples.
 
 The index is held in columns (numpy arrays: where each line starts, video as an integer code into
 a table of names, frame, shard, stem, formats, num_points, kept_fraction, conf_p50, height, width,
-shot fields; about 55 bytes a sample, no Python object per sample, so forked DataLoader workers
-share it). The columns are cached in OUT/.index-cache/<rank>.columns and memory-mapped; a later
+shot fields, window ends; about 61 bytes a sample, no Python object per sample, so forked
+DataLoader workers share it). The columns are cached in OUT/.index-cache/<rank>.columns and memory-mapped; a later
 open reads only the index lines added since (a root being extracted), so opening a root of
 millions of samples a second time takes a fraction of a second. The cache is rebuilt when its
 index no longer matches it, and skipped (columns built in memory) where the root is read-only. Both shard formats (folders of
