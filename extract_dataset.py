@@ -21,13 +21,12 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 
+from sample_format import LOCK_FILE, RUN_FILE, VIDEOS_FILE, WORKER_LOG  # noqa: F401  (the root's names: sample_format.py)
+
 # Containers FFmpeg reads, listed from folders and globs (case-insensitive). Any other file a folder
 # holds is counted and reported, never silently dropped; a file named explicitly is always tried.
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".m2v", ".ts", ".m2ts",
                     ".mts", ".flv", ".f4v", ".wmv", ".asf", ".3gp", ".3g2", ".ogv", ".dv", ".mxf", ".vob", ".y4m")
-RUN_FILE = "run.json"  # the parameters every sample of this root was made with
-VIDEOS_FILE = "videos.jsonl"  # one line per finished / failed video: the datatrove-style markers
-LOCK_FILE = ".lock"
 # Parameters that change what a sample means: a rerun must use the same ones.
 DATASET_PARAMETERS = ("kernel", "stride", "dilation", "window_seconds", "backend", "model",
                       "world_frame", "max_points", "conf_percentile", "min_conf", "resize_mode",
@@ -239,12 +238,36 @@ def list_videos(sources: list[str], skipped: dict[str, int] | None = None) -> li
 def known_names(videos: list[str], *recorded) -> list[str]:
     """Each video under the name the root already knows the same file by (`recorded`: names in
     its videos.jsonl / index), else as given: a rerun that spells a path differently (relative,
-    '..', a symlink) must still skip or resume it, never write it again under a second name."""
-    known: dict[str, str] = {}
+    '..', a symlink) must still skip or resume it, never write it again under a second name.
+    Same file = same device and inode. A root may record millions of names: a name recorded as
+    given is taken as is, and the recorded names are looked at (one stat each) only when some
+    video is not among them."""
+    result = list(videos)
+    unmatched: dict[tuple[int, int], list[int]] = {}
+    for i, video in enumerate(videos):
+        if not any(video in names for names in recorded):
+            key = _file_key(video)
+            if key is not None:
+                unmatched.setdefault(key, []).append(i)
+    if not unmatched:
+        return result
     for names in recorded:
         for name in names:
-            known.setdefault(os.path.realpath(name), name)
-    return [known.get(os.path.realpath(v), v) for v in videos]
+            key = _file_key(name)
+            if key in unmatched:
+                for i in unmatched.pop(key):
+                    result[i] = name
+                if not unmatched:
+                    return result
+    return result
+
+
+def _file_key(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
 
 
 # ----------------------------------------------------------------------------- the root's state
@@ -293,25 +316,39 @@ def take_root_lock(root: str):
     return handle
 
 
+def release_root_lock(handle) -> None:
+    """Clear the holder's line, then unlock: a finished root (or a copy of it) names no holder."""
+    handle.seek(0)
+    handle.truncate()
+    handle.close()
+
+
 def read_video_status(root: str, repair: bool = True) -> dict[str, dict]:
-    """video -> its latest record in videos.jsonl (`repair`: cut a last line left half-written by a
-    kill; only while holding the root's lock)."""
-    from sharded_writer import read_index
+    """video -> {"status": its latest status} from videos.jsonl (`repair`: cut a last line left
+    half-written by a kill; only while holding the root's lock). Read once per run, streamed, and
+    kept compact (a root may list millions of videos)."""
+    from sample_format import iter_video_status
 
-    return {r["video"]: r for r in read_index(os.path.join(root, VIDEOS_FILE), repair=repair)}
+    return {r["video"]: {"status": sys.intern(r["status"])} for r in iter_video_status(root, repair=repair)}
 
 
-def read_resume_points(root: str, ranks: list[int] | None = None) -> dict[str, int]:
-    """video -> highest focal frame already written, over every rank's index (or those given)."""
-    from sharded_writer import INDEX_NAME, read_index
+def read_resume_points(root: str, ranks: list[int] | None = None, skip=(), only=None) -> dict[str, int]:
+    """video -> highest focal frame already written (sample_format.resume_points: the one owner of
+    resume points); `skip` / `only` limit it to the videos that matter (memory: one entry each)."""
+    from sample_format import resume_points
 
-    last: dict[str, int] = {}
-    paths = glob.glob(os.path.join(root, "*", INDEX_NAME)) if ranks is None else [
-        os.path.join(root, str(rank), INDEX_NAME) for rank in ranks]
-    for path in paths:
-        for r in read_index(path):
-            last[r["video"]] = max(last.get(r["video"], -1), r["frame_index"])
-    return last
+    return resume_points(root, ranks, skip=skip, only=only)
+
+
+def announce_upgrades(root: str) -> None:
+    """One line per rank whose writer will read its whole index once to build its resume log (a
+    root written before the log existed, or a log that does not match its index)."""
+    from sample_format import INDEX_NAME, needs_upgrade, rank_numbers
+
+    for rank in rank_numbers(root):
+        if needs_upgrade(root, rank):
+            print(f"{os.path.join(root, str(rank))}: upgrading to a resume log: its {INDEX_NAME} is read once, "
+                  f"in full (later runs read only its end)", file=sys.stderr)
 
 
 def wait_for_rank_locks(root: str, skip: set[int], timeout: float = 120) -> None:
@@ -359,9 +396,6 @@ class WorkerConfig:
     depth_format: str = "jpg"
     model_file: str | None = None  # --model resolved by the driver to a local checkpoint file
     shots: str = "off"  # "detect": TransNetV2 on the worker's device finds the shots
-
-
-WORKER_LOG = "worker.log"  # OUT/<rank>/worker.log: everything a rank's processes print
 
 
 def _log_to_file(path: str) -> None:
@@ -846,8 +880,8 @@ class Dispatcher:
             self.pids[rank] = pid
         # The replaced worker holds the rank's lock, so the dead one wrote its last sample:
         # its index says where each of its videos stopped.
-        written = read_resume_points(self.args.root, ranks=[rank])
         lost = self.inflight.pop(rank)
+        written = read_resume_points(self.args.root, ranks=[rank], only={task.video for task in lost})
         if rank in self.actors:
             self.inflight[rank] = []
         for task in reversed(lost):  # back at the head of the queue, in their order
@@ -946,13 +980,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(prepare_model(args), file=sys.stderr)
 
+    announce_upgrades(args.root)
     ray = start_ray(args.address)
     actors, pids, devices = start_workers(ray, args, *decide_workers(ray, args))
     # Resume points are read only now: every rank's lock is held by this run's workers (or was
     # released by its last writer), so a killed run's workers, which die a little after their
     # driver, have written their last sample.
     wait_for_rank_locks(args.root, skip=set(actors))
-    resume = read_resume_points(args.root)
+    resume = read_resume_points(args.root, skip=finished)  # of the unfinished videos only
     todo = known_names(todo, status, resume)  # a killed run may have begun a video under another name
 
     started = time.time()
@@ -971,7 +1006,7 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
         videos_log.close()
     print_summary(dispatcher.results, stats, time.time() - started, args.root, dispatcher.samples_written)
-    lock.close()
+    release_root_lock(lock)
     return 1 if dispatcher.failed() else 0
 
 

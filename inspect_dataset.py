@@ -8,7 +8,8 @@ Summary: videos done / failed / too short (OUT/videos.jsonl), samples per rank, 
 points per sample, confidence, disk use per file kind. Contact sheet: one row per sample,
 RGB | depth (turbo colour map on inverse depth, near = red, no depth = black) | the sample's point
 cloud projected into the focal camera with its extrinsic and intrinsic (nearest point wins).
-Read only: nothing in OUT is written. Needs no plotting library.
+Reads only, except the loader's column cache (OUT/.index-cache, see dataset.py). Needs no plotting
+library.
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dataset import VGGTDataset
-from sharded_writer import INDEX_NAME, TAR_SUFFIX, read_index
-
-VIDEOS_FILE = "videos.jsonl"
+from sample_format import RUN_FILE, TAR_SUFFIX, VIDEOS_FILE, iter_video_status
 PANEL_HEIGHT = 196
 CAPTION_HEIGHT = 14
 
@@ -186,8 +185,8 @@ def disk_use(root: str) -> dict[str, list[int]]:
     return dict(use)
 
 
-def _stats(values: list[float]) -> str:
-    if not values:
+def _stats(values) -> str:
+    if len(values) == 0:
         return "n/a"
     a = np.asarray(values, np.float64)
     return f"median {np.median(a):.4g}, mean {a.mean():.4g}, min {a.min():.4g}, max {a.max():.4g}"
@@ -203,44 +202,45 @@ def _size(n: float) -> str:
 
 def summary(root: str, disk: bool = True) -> str:
     lines = [f"root: {root}"]
-    videos = {r["video"]: r for r in read_index(os.path.join(root, VIDEOS_FILE))}
-    status = Counter(r.get("status") for r in videos.values())
+    videos = {r["video"]: (r.get("status"), r.get("reason", "")) for r in iter_video_status(root)}  # latest
+    status = Counter(s for s, _ in videos.values())
     lines.append(f"videos: {status.get('done', 0)} done, {status.get('no_windows', 0)} too short for one window, "
                  f"{status.get('failed', 0)} failed ({os.path.join(root, VIDEOS_FILE)})")
-    failed = [r for r in videos.values() if r.get("status") == "failed"]
-    for r in failed[:10]:
-        lines.append(f"  failed: {r['video']}: {r.get('reason', '')}")
+    failed = [(v, reason) for v, (s, reason) in videos.items() if s == "failed"]
+    for video, reason in failed[:10]:
+        lines.append(f"  failed: {video}: {reason}")
     if len(failed) > 10:
         lines.append(f"  ... and {len(failed) - 10} more failed")
-    if os.path.exists(os.path.join(root, "run.json")):
-        with open(os.path.join(root, "run.json"), encoding="utf-8") as f:
+    if os.path.exists(os.path.join(root, RUN_FILE)):
+        with open(os.path.join(root, RUN_FILE), encoding="utf-8") as f:
             lines.append(f"run parameters: {json.dumps(json.load(f), sort_keys=True)}")
 
-    per_rank, records = {}, []
-    for rank in sorted((n for n in os.listdir(root) if n.isdigit()), key=int):
-        rank_records = read_index(os.path.join(root, rank, INDEX_NAME))
-        per_rank[rank] = len(rank_records)
-        records += rank_records
-    lines.append(f"samples: {len(records)} from {len({r['video'] for r in records})} videos; "
-                 + ", ".join(f"rank {k}: {v}" for k, v in per_rank.items()))
-    if records:
-        formats = Counter((r.get("shard_format", "dir"), r.get("depth_format", "jpg")) for r in records)
+    dataset = VGGTDataset(root)  # the index as columns: nothing per sample in Python
+    count = len(dataset)
+    lines.append(f"samples: {count} from {dataset.video_count()} videos; "
+                 + ", ".join(f"rank {k}: {v}" for k, v in dataset.samples_per_rank().items()))
+    if count:
+        flags = dataset.column("flags")
+        formats = Counter(zip(np.where(flags & 1, "tar", "dir").tolist(), np.where(flags & 2, "png16", "jpg").tolist()))
         lines.append("formats: " + ", ".join(f"{s} shards with {d} depth: {n}" for (s, d), n in formats.items()))
-        sizes = Counter(f"{r['width']}x{r['height']}" for r in records)
-        lines.append("frame sizes: " + ", ".join(f"{k} ({v})" for k, v in sizes.most_common()))
-        lines.append(f"points per sample: {_stats([r['num_points'] for r in records])}")
+        sizes, size_counts = np.unique(np.stack([dataset.column("width"), dataset.column("height")], 1), axis=0,
+                                       return_counts=True)
+        order = np.argsort(-size_counts, kind="stable")
+        lines.append("frame sizes: " + ", ".join(f"{sizes[k][0]}x{sizes[k][1]} ({size_counts[k]})" for k in order))
+        lines.append(f"points per sample: {_stats(dataset.column('num_points'))}")
         for key in ("kept_fraction", "conf_p50"):
-            values = [r[key] for r in records if key in r]
-            if values:
+            values = dataset.column(key)
+            values = values[~np.isnan(values)]
+            if len(values):
                 lines.append(f"{key}: {_stats(values)}")
     if disk:
         use = disk_use(root)
         total = sum(b for _, b in use.values())
         lines.append(f"disk use (apparent sizes): {_size(total)} in all"
-                     + (f", {_size(total / len(records))} per sample" if records else ""))
+                     + (f", {_size(total / count)} per sample" if count else ""))
         lines.append(f"  {'kind':<16} {'files':>9} {'bytes':>11} {'per sample':>11}")
         for kind, (files, size) in sorted(use.items(), key=lambda kv: -kv[1][1]):
-            per = _size(size / len(records)) if records else ""
+            per = _size(size / count) if count else ""
             lines.append(f"  {kind:<16} {files:>9} {_size(size):>11} {per:>11}")
     return "\n".join(lines)
 

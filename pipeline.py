@@ -23,7 +23,8 @@ import torch
 
 from frames import DecodeError, FrameSource, WindowFrames
 from sharded_writer import ShardedWriter
-from streaming_vggt import GeometryStage, Sample
+from sample_format import Sample
+from streaming_vggt import GeometryStage
 from window import dilation_for_seconds, num_shot_windows, num_windows
 
 
@@ -327,7 +328,7 @@ class Pipeline:
             info = source.info
             dilation = s.dilation_for(info.fps)
             result.num_frames, result.fps, result.dilation = info.num_frames, info.fps, dilation
-            after = max(task.after_focal, self.writer.last_focal.get(task.video, -1))
+            after = task.after_focal  # the resume point: the driver's (sample_format.resume_points)
             # the container's count is an estimate (progress); the decoded count decides, at the end
             estimate = num_windows(info.num_frames, s.kernel, s.stride, dilation)
             todo = num_windows(info.num_frames, s.kernel, s.stride, dilation, after)

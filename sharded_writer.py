@@ -32,74 +32,10 @@ import tarfile
 import time
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-from PIL import Image
-
-from streaming_vggt import Sample
-
-SUFFIXES = (".points.pt", ".camera.pt", ".depth.jpg", ".jpg")  # rename order: the RGB frame last
-INDEX_NAME = "samples.jsonl"
-TMP_DIR = ".tmp"
-DEPTH_ENCODING = "inverse_depth_linear_uint8"
-SHARD_FORMATS = ("dir", "tar")
-# depth_format -> (file suffix, code levels, camera.pt "depth_encoding")
-DEPTH_FORMATS = {
-    "jpg": (".depth.jpg", 255, DEPTH_ENCODING),
-    "png16": (".depth.png", 65535, "inverse_depth_linear_uint16"),
-}
-TAR_SUFFIX = ".tar"
-
-
-def sample_suffixes(depth_format: str = "jpg") -> tuple[str, ...]:
-    """The four file suffixes of one sample, in commit order (the RGB frame last)."""
-    return (".points.pt", ".camera.pt", DEPTH_FORMATS[depth_format][0], ".jpg")
-
-
-# ----------------------------------------------------------------------------- depth codec
-
-
-def encode_depth(depth: torch.Tensor, levels: int = 255) -> tuple[np.ndarray, float, float]:
-    """float depth [H, W] -> (integer image [H, W], depth_min, depth_max).
-
-    Inverse depth mapped linearly onto 1..levels over [1/depth_max, 1/depth_min]: 1 is the
-    farthest point, `levels` the nearest; near surfaces, where a VAE cares most, get the finest
-    steps. 0 marks pixels with no valid depth (<= 0 or not finite).
-    """
-    d = depth.double().numpy()
-    valid = np.isfinite(d) & (d > 0)
-    if not valid.any():
-        return np.zeros(d.shape, np.uint8 if levels <= 255 else np.uint16), 0.0, 0.0
-    every = bool(valid.all())  # VGGT: always; then no masked copies (same codes, a third of the time)
-    d_min, d_max = (float(d.min()), float(d.max())) if every else (float(d[valid].min()), float(d[valid].max()))
-    inv_far, inv_near = 1.0 / d_max, 1.0 / d_min
-    span = max(inv_near - inv_far, 1e-12)
-    if every:
-        code = np.divide(1.0, d)
-        code -= inv_far
-        code /= span
-        code *= levels - 1
-        code += 1
-    else:
-        code = np.zeros(d.shape, np.float64)
-        code[valid] = 1 + (1.0 / d[valid] - inv_far) / span * (levels - 1)
-    dtype = np.uint8 if levels <= 255 else np.uint16
-    return np.clip(np.rint(code, out=code), 0, levels, out=code).astype(dtype), d_min, d_max
-
-
-def decode_depth(code: np.ndarray, depth_min: float, depth_max: float, levels: int = 255,
-                 all_valid: bool = False) -> np.ndarray:
-    """Inverse of encode_depth: integer image -> float32 depth [H, W], 0 where no depth was stored.
-
-    all_valid: the map had no invalid pixel (camera.pt "depth_invalid_pixels" == 0, always so for
-    VGGT), so a 0 read back can only be JPEG noise on the farthest level: decode it as depth_max
-    instead of "no depth"."""
-    code = code.astype(np.float64)
-    if depth_max <= 0:
-        return np.zeros(code.shape, np.float32)
-    inv_far, inv_near = 1.0 / depth_max, 1.0 / depth_min
-    inv = inv_far + (np.clip(code, 1, levels) - 1) / (levels - 1) * (inv_near - inv_far)
-    return (1.0 / inv if all_valid else np.where(code > 0, 1.0 / inv, 0.0)).astype(np.float32)
+from sample_format import (  # noqa: F401  (re-exported: the format's names, for callers of this module)
+    DEFAULT_DEPTH_FORMAT, DEFAULT_FILES_PER_DIR, DEFAULT_JPEG_QUALITY, DEFAULT_SHARD_FORMAT, DEPTH_ENCODING,
+    DEPTH_FORMATS, INDEX_NAME, SHARD_DIGITS, SHARD_FORMATS, TAR_SUFFIX, TMP_DIR, ResumeLog, Sample, decode_depth,
+    encode_depth, encode_sample, index_record, read_index, resume_points, sample_suffixes, stem_digits)
 
 
 # ----------------------------------------------------------------------------- writer
@@ -117,8 +53,9 @@ class ShardedWriter:
     Only one process may write a rank at a time (the orchestrator guarantees it with a lock).
     """
 
-    def __init__(self, root: str, rank: int, files_per_dir: int = 500, jpeg_quality: int = 95,
-                 shard_format: str = "dir", depth_format: str = "jpg"):
+    def __init__(self, root: str, rank: int, files_per_dir: int = DEFAULT_FILES_PER_DIR,
+                 jpeg_quality: int = DEFAULT_JPEG_QUALITY, shard_format: str = DEFAULT_SHARD_FORMAT,
+                 depth_format: str = DEFAULT_DEPTH_FORMAT):
         if files_per_dir < 1:
             raise ValueError(f"files_per_dir must be >= 1, got {files_per_dir}")
         if shard_format not in SHARD_FORMATS:
@@ -126,27 +63,26 @@ class ShardedWriter:
         if depth_format not in DEPTH_FORMATS:
             raise ValueError(f"depth_format must be one of {tuple(DEPTH_FORMATS)}, got {depth_format!r}")
         self.shard_format, self.depth_format = shard_format, depth_format
+        self.root = root
         self.rank_dir = os.path.join(root, str(rank))
         self.rank = rank
         self.files_per_dir = files_per_dir
-        self.stem_digits = max(4, len(str(files_per_dir - 1)))
+        self.stem_digits = stem_digits(files_per_dir)
         self.jpeg_quality = jpeg_quality
         self.tmp_dir = os.path.join(self.rank_dir, TMP_DIR)
         self.index_path = os.path.join(self.rank_dir, INDEX_NAME)
         os.makedirs(self.rank_dir, exist_ok=True)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)  # temp files of a killed run
         os.makedirs(self.tmp_dir)
-        records = read_index(self.index_path, repair=True)
-        for key, wanted in (("shard_format", shard_format), ("depth_format", depth_format)):
-            found = {r.get(key, "dir" if key == "shard_format" else "jpg") for r in records}
+        # Where the rank stands, from the resume log's last line and the index lines after it (the
+        # index's half-written last line, if any, is cut): nothing is read per sample written before.
+        self._log = ResumeLog(root, rank)
+        for key, found, wanted in (("shard_format", {f[0] for f in self._log.formats}, shard_format),
+                                   ("depth_format", {f[1] for f in self._log.formats}, depth_format)):
             if found - {wanted}:
                 raise ValueError(f"{self.rank_dir} holds samples with {key} {sorted(found)}, this writer "
                                  f"was asked for {wanted!r}: one root holds one format")
-        self.last_focal: dict[str, int] = {}  # video -> highest focal frame written (resume point)
-        last = Slot(0, -1)
-        for r in records:
-            last = max(last, Slot(r["shard"], r["stem"]))
-            self.last_focal[r["video"]] = max(self.last_focal.get(r["video"], -1), r["frame_index"])
+        last = Slot(*self._log.last_slot) if self._log.last_slot is not None else Slot(0, -1)
         # A tar shard is never appended to once committed: a reopened tar writer starts a new one.
         self._next = self._after(last) if shard_format == "dir" or last.stem < 0 else Slot(last.shard + 1, 0)
         self.removed_orphans = self._remove_unindexed_after(last)
@@ -156,6 +92,12 @@ class ShardedWriter:
         self._tar: tarfile.TarFile | None = None  # the open tar shard, built under .tmp/
         self._tar_shard = -1
         self._pending: list[dict] = []  # index records of the open tar shard
+
+    @property
+    def last_focal(self) -> dict[str, int]:
+        """video -> highest focal frame in this rank's index (sample_format.resume_points, which
+        reads the rank's resume log). For inspection: the pipeline resumes from VideoTask.after_focal."""
+        return resume_points(self.root, ranks=[self.rank])
 
     def _after(self, slot: Slot) -> Slot:
         if slot.stem + 1 < self.files_per_dir:
@@ -256,41 +198,26 @@ class ShardedWriter:
         return record
 
     def _record(self, slot: Slot, stem: str, sample: Sample, extra: dict | None) -> dict:
-        return {
-            "sample": f"{self.rank}/{slot.shard:06d}/{stem}",
-            "rank": self.rank,
-            "shard": slot.shard,
-            "stem": slot.stem,
-            "video": sample.video,
-            "frame_index": sample.frame_index,
-            "timestamp": sample.timestamp,
-            "window_frame_indices": sample.window_frame_indices,
-            "dilation": sample.dilation,
-            "shot_index": sample.shot_index,
-            "shot_first_frame": sample.shot_first_frame,
-            "shot_last_frame": sample.shot_last_frame,
-            "num_points": int(sample.points.shape[0]),
-            "height": int(sample.rgb.shape[0]),
-            "width": int(sample.rgb.shape[1]),
-            **{k: round(float(v), 6) for k, v in sample.quality.items()},
-            "shard_format": self.shard_format,
-            "depth_format": self.depth_format,
-            **(extra or {}),
-        }
+        return index_record(sample, self.rank, slot.shard, slot.stem, self.stem_digits, self.shard_format,
+                            self.depth_format, extra)
 
     def _commit(self, records: list[dict]) -> None:
         """Append the index lines of visible samples, in one write."""
         if not records:
             return
         size = self._index.tell()
+        lines = [(json.dumps(r) + "\n").encode() for r in records]
         try:
-            self._index.write("".join(json.dumps(r) + "\n" for r in records))
+            self._index.write(b"".join(lines).decode())
             self._index.flush()
         except OSError:
             self._index.truncate(size)  # no half line for the next record to be glued to
             raise
-        for r in records:
-            self.last_focal[r["video"]] = max(self.last_focal.get(r["video"], -1), r["frame_index"])
+        ends, end = [], size
+        for line in lines:
+            end += len(line)
+            ends.append(end)
+        self._log.committed(records, ends)  # after the index: the log is never ahead of it
         self.samples_committed += len(records)
 
     # ------------------------------------------------------------------ tar shards
@@ -331,8 +258,10 @@ class ShardedWriter:
     def flush(self) -> list[dict]:
         """Commit the open tar shard: rename it into place, then append its index lines. Returns
         the records committed now. Dir shards commit every sample as it is written: a no-op.
-        Call it before reporting a video finished (its samples must be visible by then)."""
+        Call it before reporting a video finished (its samples must be visible by then). Either
+        way the rank's resume log gets a line for what is committed."""
         if self._tar is None:
+            self._log.checkpoint()
             return []
         shard = self._tar_shard
         tmp, final = self._tar.name, self.tar_path(shard)
@@ -347,6 +276,7 @@ class ShardedWriter:
             raise
         committed, self._pending = self._pending, []
         self._commit(committed)  # ... and only now indexed
+        self._log.checkpoint()
         self._tar_shard = -1
         self._next = Slot(shard + 1, 0)
         return committed
@@ -369,86 +299,3 @@ class ShardedWriter:
 def _member_stem(name: str) -> int:
     stem = os.path.basename(name).split(".", 1)[0]
     return int(stem) if stem.isdigit() else -1
-
-
-def encode_sample(sample: Sample, jpeg_quality: int = 95, depth_format: str = "jpg") -> dict[str, bytes]:
-    """Sample -> bytes of its four files, keyed by suffix (".jpg", ".depth.jpg" or ".depth.png",
-    ".camera.pt", ".points.pt")."""
-    depth_suffix, levels, encoding = DEPTH_FORMATS[depth_format]
-    depth_code, depth_min, depth_max = encode_depth(sample.depth, levels)
-    camera = {
-        "extrinsic": sample.extrinsic.float().contiguous(),
-        "intrinsic": sample.intrinsic.float().contiguous(),
-        "height": int(sample.rgb.shape[0]),
-        "width": int(sample.rgb.shape[1]),
-        "video": sample.video,
-        "frame_index": sample.frame_index,
-        "timestamp": float(sample.timestamp),
-        "fps": float(sample.fps),
-        "dilation": sample.dilation,
-        "world_frame": sample.world_frame,
-        "shot_index": sample.shot_index,
-        "shot_first_frame": sample.shot_first_frame,
-        "shot_last_frame": sample.shot_last_frame,
-        "window_frame_indices": torch.tensor(sample.window_frame_indices, dtype=torch.int64),
-        "window_timestamps": torch.tensor(sample.window_timestamps, dtype=torch.float64),
-        "window_extrinsics": sample.window_extrinsics.float().contiguous(),
-        "window_intrinsics": sample.window_intrinsics.float().contiguous(),
-        "depth_encoding": encoding,
-        "depth_levels": levels,
-        "depth_min": depth_min,
-        "depth_max": depth_max,
-        "depth_invalid_pixels": int((depth_code == 0).sum()),  # 0: every pixel has depth
-    }
-    return {
-        ".jpg": _jpeg(sample.rgb.numpy(), jpeg_quality),
-        depth_suffix: _jpeg(depth_code, jpeg_quality) if depth_format == "jpg" else _png(depth_code),
-        ".camera.pt": _torch_bytes(camera),
-        ".points.pt": _torch_bytes(sample.points.float().contiguous()),
-    }
-
-
-def _jpeg(pixels: np.ndarray, quality: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    """Lossless PNG; a uint16 array becomes a 16-bit grayscale PNG (PIL mode I;16)."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _torch_bytes(obj) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def read_index(path: str, repair: bool = False) -> list[dict]:
-    """Records of an index file. A last line cut short by a kill is dropped (and cut from the file
-    when `repair`): that sample counts as never committed, so the writer removes its files and the
-    resumed video writes it again. A bad line anywhere else is damage, not a kill: an error, so
-    that nothing after it is ever treated as uncommitted and deleted."""
-    if not os.path.exists(path):
-        return []
-    records, good_bytes = [], 0
-    with open(path, "rb") as f:
-        lines = f.readlines()
-    for number, line in enumerate(lines, 1):
-        try:
-            if not line.endswith(b"\n"):
-                raise ValueError("no line end")
-            records.append(json.loads(line))
-        except ValueError as e:  # JSONDecodeError is a ValueError
-            if number == len(lines):
-                break
-            raise ValueError(f"{path}: line {number} of {len(lines)} is damaged ({e}); "
-                             f"repair or remove that line, then rerun") from e
-        good_bytes += len(line)
-    if repair and good_bytes != os.path.getsize(path):
-        with open(path, "r+b") as f:
-            f.truncate(good_bytes)
-    return records

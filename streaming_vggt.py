@@ -13,51 +13,18 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from frames import WindowFrames
+from sample_format import Sample  # the record this stage produces (its home: the on-disk format)
 
 DEFAULT_MODEL = "facebook/VGGT-1B"
 HEADS_NOT_BUILT = ("point_head.", "track_head.")  # points come from depth + cameras instead
-
-
-# ----------------------------------------------------------------------------- the sample record
-
-
-@dataclass
-class Sample:
-    """One training sample: the focal frame of one window, on the CPU, ready for the writer.
-
-    All geometry is in the window's world frame (`world_frame`: the camera of the window's
-    earliest frame, or of its focal frame), in the model's units (VGGT: up to scale, per window).
-    Pixel grid: the model's H x W, pixel centres at integer coordinates.
-    """
-
-    video: str
-    frame_index: int  # focal frame's index in the video
-    timestamp: float  # seconds
-    fps: float
-    dilation: int
-    window_frame_indices: list[int]  # time order, focal in the middle
-    window_timestamps: list[float]
-    world_frame: str  # "first" | "focal"
-    rgb: torch.Tensor  # uint8 [H, W, 3], the focal frame exactly as the model saw it
-    depth: torch.Tensor  # float32 [H, W], z-depth of the focal frame along its camera's forward axis
-    extrinsic: torch.Tensor  # float32 [3, 4], focal camera, world-to-camera, OpenCV (x right, y down, z forward)
-    intrinsic: torch.Tensor  # float32 [3, 3], focal camera, pixels of `rgb`
-    window_extrinsics: torch.Tensor  # float32 [S, 3, 4], time order
-    window_intrinsics: torch.Tensor  # float32 [S, 3, 3], time order
-    points: torch.Tensor  # float32 [N, 6]: x y z (world) r g b (in [0, 1]), from all S frames
-    quality: dict[str, float] = field(default_factory=dict)  # confidence percentiles, kept fraction, depth range
-    shot_index: int = 0  # the shot's index in the video (0 with --shots off)
-    shot_first_frame: int = 0  # first frame of the shot, inclusive
-    shot_last_frame: int = -1  # last frame of the shot, inclusive; -1: not known when written (videos.jsonl has it)
 
 
 # ----------------------------------------------------------------------------- the model seam
