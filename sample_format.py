@@ -290,22 +290,29 @@ def _torch_bytes(obj) -> bytes:
 READ_CHUNK = 1 << 20
 
 
-def complete_lines(path: str, start: int = 0) -> Iterator[tuple[int, bytes]]:
-    """(offset, line without its newline) of every line from byte `start` that ends with a newline,
-    in order, read in chunks (memory does not grow with the file). A last line without its newline
-    (cut by a kill while being appended) is not yielded. The line's end is offset + len(line) + 1."""
+def complete_chunks(path: str, start: int = 0) -> Iterator[tuple[int, bytes]]:
+    """(offset, block) of the file from byte `start`, read about READ_CHUNK bytes at a time (memory
+    does not grow with the file), each block holding only whole lines (each ends with a newline).
+    A last line without its newline (cut by a kill while being appended) is never yielded."""
     with open(path, "rb", buffering=0) as f:
         f.seek(start)
         offset, rest = start, b""
-        while True:
-            chunk = f.read(READ_CHUNK)
-            if not chunk:
-                return
-            lines = (rest + chunk).split(b"\n")
-            rest = lines.pop()
-            for line in lines:
-                yield offset, line
-                offset += len(line) + 1
+        while chunk := f.read(READ_CHUNK):
+            data = rest + chunk
+            cut = data.rfind(b"\n") + 1
+            body, rest = data[:cut], data[cut:]
+            if body:
+                yield offset, body
+                offset += len(body)
+
+
+def complete_lines(path: str, start: int = 0) -> Iterator[tuple[int, bytes]]:
+    """(offset, line without its newline) of every whole line from byte `start`, in order (see
+    complete_chunks). The line's end is offset + len(line) + 1."""
+    for offset, body in complete_chunks(path, start):
+        for line in body.split(b"\n")[:-1]:
+            yield offset, line
+            offset += len(line) + 1
 
 
 def iter_records(path: str, start: int = 0, repair: bool = False, first_line: int = 1) -> Iterator[tuple[int, dict]]:
@@ -523,12 +530,12 @@ class ResumeLog:
                   f"one full read of {INDEX_NAME}", file=sys.stderr)
         if end is None:
             self._reset()
-            start, first = 0, 1
+            start = 0
         else:
             self._cut_log_tail()
             self.formats.add((end.shard_format, end.depth_format))
             self.last_slot, self.lines = (end.shard, end.stem), end.index_lines
-            start, first = end.index_bytes, end.index_lines + 1
+            start = end.index_bytes
         pending: list[Stretch] = []
         for stretch in scan_stretches(self.index, start, self.lines, repair=True):
             pending.append(stretch)
@@ -618,50 +625,38 @@ def scan_stretches(path: str, start: int = 0, lines: int = 0, repair: bool = Fal
                        record.get("shard_format", DEFAULT_SHARD_FORMAT),
                        record.get("depth_format", DEFAULT_DEPTH_FORMAT))
 
-    with open(path, "rb", buffering=0) as f:
-        f.seek(start)
-        offset, rest = start, b""
-        while True:
-            chunk = f.read(READ_CHUNK)
-            if not chunk:
-                break
-            data = rest + chunk
-            cut = data.rfind(b"\n") + 1
-            body, rest = data[:cut], data[cut:]
-            if not body:
-                continue
-            chunk_lines = body.split(b"\n")
-            chunk_lines.pop()
-            n = len(chunk_lines)
-            videos, frames = _VIDEO_FIELD.findall(body), _FRAME_FIELD.findall(body)
-            if not (len(videos) == len(frames) == n and body.count(b"}\n") == n):
-                videos, frames = [], []
-                for i, line in enumerate(chunk_lines):
-                    try:
-                        record = json.loads(line)
-                        video, frame = record["video"], int(record["frame_index"])
-                    except (ValueError, KeyError, TypeError) as e:
-                        line_end = offset + sum(len(x) + 1 for x in chunk_lines[:i + 1])
-                        if line_end >= size and not rest:  # the file's last line: a kill mid-append
-                            chunk_lines = chunk_lines[:i]
-                            break
-                        raise _damaged(path, number + i + 1, line_end - len(line) - 1, e) from e
-                    videos.append(video)
-                    frames.append(frame)
-            ends = list(itertools.accumulate(map(len, chunk_lines)))  # + i + 1 newlines
-            i = 0
-            for video, group in itertools.groupby(videos):  # runs of one video: no work per line
-                run_end = i + sum(1 for _ in group)
-                while i < run_end:
-                    if count and (video != key or count >= STRETCH_SAMPLES):
-                        yield close()
-                        count, focal = 0, -1
-                    take = min(run_end - i, STRETCH_SAMPLES - count)
-                    focal = max(focal, max(map(int, frames[i:i + take])))
-                    key, count, number = video, count + take, number + take
-                    i += take
-                    end, last_line = offset + ends[i - 1] + i, chunk_lines[i - 1]
-            offset += len(body)
+    for offset, body in complete_chunks(path, start):
+        chunk_lines = body.split(b"\n")
+        chunk_lines.pop()
+        n = len(chunk_lines)
+        videos, frames = _VIDEO_FIELD.findall(body), _FRAME_FIELD.findall(body)
+        if not (len(videos) == len(frames) == n and body.count(b"}\n") == n):
+            videos, frames = [], []
+            for i, line in enumerate(chunk_lines):
+                try:
+                    record = json.loads(line)
+                    video, frame = record["video"], int(record["frame_index"])
+                except (ValueError, KeyError, TypeError) as e:
+                    line_end = offset + sum(len(x) + 1 for x in chunk_lines[:i + 1])
+                    if line_end >= size:  # the file's last line: a kill mid-append
+                        chunk_lines = chunk_lines[:i]
+                        break
+                    raise _damaged(path, number + i + 1, line_end - len(line) - 1, e) from e
+                videos.append(video)
+                frames.append(frame)
+        ends = list(itertools.accumulate(map(len, chunk_lines)))  # + i + 1 newlines
+        i = 0
+        for video, group in itertools.groupby(videos):  # runs of one video: no work per line
+            run_end = i + sum(1 for _ in group)
+            while i < run_end:
+                if count and (video != key or count >= STRETCH_SAMPLES):
+                    yield close()
+                    count, focal = 0, -1
+                take = min(run_end - i, STRETCH_SAMPLES - count)
+                focal = max(focal, max(map(int, frames[i:i + take])))
+                key, count, number = video, count + take, number + take
+                i += take
+                end, last_line = offset + ends[i - 1] + i, chunk_lines[i - 1]
     if count:
         yield close()
     if repair and end != os.path.getsize(path):
