@@ -138,29 +138,39 @@ def encode_depth(depth: torch.Tensor, levels: int = 255) -> tuple[np.ndarray, fl
 
     Inverse depth mapped linearly onto 1..levels over [1/depth_max, 1/depth_min]: 1 is the
     farthest point, `levels` the nearest; near surfaces, where a VAE cares most, get the finest
-    steps. 0 marks pixels with no valid depth (<= 0 or not finite).
+    steps. 0 marks pixels with no valid depth (<= 0 or not finite). Codes are rounded half up.
     """
     import numpy as np
+    import torch
 
-    d = depth.double().numpy()
-    valid = np.isfinite(d) & (d > 0)
+    dtype = np.uint8 if levels <= 255 else np.uint16
+    d = (depth if depth.dtype in (torch.float32, torch.float64) else depth.double()).numpy()
+    if d.size:
+        # Every pixel valid (VGGT: always): min and max of the map itself (NaN propagates, so the
+        # test below fails on any NaN) and no masked copies: four passes over the map in all.
+        d_min, d_max = float(d.min()), float(d.max())
+        if d_min > 0 and d_max < float("inf"):
+            inv_far, inv_near = 1.0 / d_max, 1.0 / d_min
+            span = max(inv_near - inv_far, 1e-12)
+            if span * 1e7 >= inv_near:  # else scale / d and the offset cancel too much (a near-constant map)
+                # code = 1 + (1/d - inv_far) / span * (levels - 1) = scale / d + offset; + 0.5 and the
+                # cast's truncation round half up (today's codes but at exact ties). The code is in
+                # [1, levels] up to ~1e-9 of a level, so no clip.
+                scale = (levels - 1) / span
+                code = np.divide(scale, d, dtype=np.float64)
+                code += 1.5 - inv_far * scale
+                return code.astype(dtype), d_min, d_max
+    d = d.astype(np.float64, copy=False)
+    with np.errstate(invalid="ignore"):
+        valid = np.isfinite(d) & (d > 0)
     if not valid.any():
-        return np.zeros(d.shape, np.uint8 if levels <= 255 else np.uint16), 0.0, 0.0
-    every = bool(valid.all())  # VGGT: always; then no masked copies (same codes, a third of the time)
-    d_min, d_max = (float(d.min()), float(d.max())) if every else (float(d[valid].min()), float(d[valid].max()))
+        return np.zeros(d.shape, dtype), 0.0, 0.0
+    d_min, d_max = float(d[valid].min()), float(d[valid].max())
     inv_far, inv_near = 1.0 / d_max, 1.0 / d_min
     span = max(inv_near - inv_far, 1e-12)
-    if every:
-        code = np.divide(1.0, d)
-        code -= inv_far
-        code /= span
-        code *= levels - 1
-        code += 1
-    else:
-        code = np.zeros(d.shape, np.float64)
-        code[valid] = 1 + (1.0 / d[valid] - inv_far) / span * (levels - 1)
-    dtype = np.uint8 if levels <= 255 else np.uint16
-    return np.clip(np.rint(code, out=code), 0, levels, out=code).astype(dtype), d_min, d_max
+    code = np.zeros(d.shape, np.float64)
+    code[valid] = 1 + (1.0 / d[valid] - inv_far) / span * (levels - 1)
+    return np.clip(np.floor(code + 0.5, out=code), 0, levels, out=code).astype(dtype), d_min, d_max
 
 
 def decode_depth(code: np.ndarray, depth_min: float, depth_max: float, levels: int = 255,
@@ -224,6 +234,7 @@ def index_record(sample: Sample, rank: int, shard: int, stem: int, digits: int, 
 def camera_record(sample: Sample, depth_code: np.ndarray, depth_min: float, depth_max: float,
                   depth_format: str) -> dict:
     """camera.pt: cameras, provenance and what turns the stored depth image back into depth."""
+    import numpy as np
     import torch
 
     _, levels, encoding = DEPTH_FORMATS[depth_format]
@@ -241,7 +252,22 @@ def camera_record(sample: Sample, depth_code: np.ndarray, depth_min: float, dept
         "depth_levels": levels,
         "depth_min": depth_min,
         "depth_max": depth_max,
-        "depth_invalid_pixels": int((depth_code == 0).sum()),  # 0: every pixel has depth
+        "depth_invalid_pixels": int(depth_code.size - np.count_nonzero(depth_code)),  # 0: every pixel has depth
+    }
+
+
+def sample_payloads(sample: Sample, jpeg_quality: int = DEFAULT_JPEG_QUALITY,
+                    depth_format: str = DEFAULT_DEPTH_FORMAT) -> dict[str, bytes | dict | torch.Tensor]:
+    """Sample -> the contents of its four files, keyed by suffix: the encoded images (".jpg",
+    ".depth.jpg" or ".depth.png") as bytes, and what torch.save writes for the others (".camera.pt":
+    the camera record, ".points.pt": float32 [N, 6]). write_payload / encode_sample finish them."""
+    depth_suffix, levels, _ = DEPTH_FORMATS[depth_format]
+    depth_code, depth_min, depth_max = encode_depth(sample.depth, levels)
+    return {
+        ".jpg": _jpeg(sample.rgb.numpy(), jpeg_quality),
+        depth_suffix: _jpeg(depth_code, jpeg_quality) if depth_format == "jpg" else _png(depth_code),
+        ".camera.pt": camera_record(sample, depth_code, depth_min, depth_max, depth_format),
+        ".points.pt": sample.points.float().contiguous(),
     }
 
 
@@ -249,15 +275,22 @@ def encode_sample(sample: Sample, jpeg_quality: int = DEFAULT_JPEG_QUALITY,
                   depth_format: str = DEFAULT_DEPTH_FORMAT) -> dict[str, bytes]:
     """Sample -> bytes of its four files, keyed by suffix (".jpg", ".depth.jpg" or ".depth.png",
     ".camera.pt", ".points.pt")."""
-    depth_suffix, levels, _ = DEPTH_FORMATS[depth_format]
-    depth_code, depth_min, depth_max = encode_depth(sample.depth, levels)
-    camera = camera_record(sample, depth_code, depth_min, depth_max, depth_format)
-    return {
-        ".jpg": _jpeg(sample.rgb.numpy(), jpeg_quality),
-        depth_suffix: _jpeg(depth_code, jpeg_quality) if depth_format == "jpg" else _png(depth_code),
-        ".camera.pt": _torch_bytes(camera),
-        ".points.pt": _torch_bytes(sample.points.float().contiguous()),
-    }
+    return {suffix: payload if isinstance(payload, bytes) else _torch_bytes(payload)
+            for suffix, payload in sample_payloads(sample, jpeg_quality, depth_format).items()}
+
+
+def write_payload(path: str, payload: bytes | dict | torch.Tensor) -> None:
+    """Write one file of sample_payloads at `path` (created or truncated), the same bytes
+    encode_sample gives: a torch object is torch.save'd straight into the open file (no copy in
+    memory; a file object, not the path, so that the archive inside is named "archive" as for
+    bytes, not after the file)."""
+    with open(path, "wb") as f:
+        if isinstance(payload, bytes):
+            f.write(payload)
+        else:
+            import torch
+
+            torch.save(payload, f)
 
 
 def _jpeg(pixels: np.ndarray, quality: int) -> bytes:

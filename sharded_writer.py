@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from sample_format import (  # noqa: F401  (re-exported: the format's names, for callers of this module)
     DEFAULT_DEPTH_FORMAT, DEFAULT_FILES_PER_DIR, DEFAULT_JPEG_QUALITY, DEFAULT_SHARD_FORMAT, DEPTH_ENCODING,
     DEPTH_FORMATS, INDEX_NAME, SHARD_DIGITS, SHARD_FORMATS, TAR_SUFFIX, TMP_DIR, ResumeLog, Sample, decode_depth,
-    encode_depth, encode_sample, index_record, read_index, resume_points, sample_suffixes, stem_digits)
+    encode_depth, encode_sample, index_record, read_index, resume_points, sample_payloads, sample_suffixes, stem_digits,
+    write_payload)
 
 
 # ----------------------------------------------------------------------------- writer
@@ -92,6 +93,7 @@ class ShardedWriter:
         self._tar: tarfile.TarFile | None = None  # the open tar shard, built under .tmp/
         self._tar_shard = -1
         self._pending: list[dict] = []  # index records of the open tar shard
+        self._shard_made = -1  # dir shards: the shard folder this writer last created
 
     @property
     def last_focal(self) -> dict[str, int]:
@@ -158,9 +160,9 @@ class ShardedWriter:
         when the shard is full); returns its index record."""
         slot = self._next
         stem = self.stem_name(slot.stem)
-        payloads = encode_sample(sample, self.jpeg_quality, self.depth_format)
-        record = self._record(slot, stem, sample, extra)
         if self.shard_format == "tar":
+            payloads = encode_sample(sample, self.jpeg_quality, self.depth_format)
+            record = self._record(slot, stem, sample, extra)
             self._add_to_tar(slot, stem, payloads)
             self._pending.append(record)
             self._next = self._after(slot)
@@ -168,17 +170,19 @@ class ShardedWriter:
             if self._next.shard != slot.shard:
                 self.flush()
             return record
+        contents = sample_payloads(sample, self.jpeg_quality, self.depth_format)
+        record = self._record(slot, stem, sample, extra)
         shard_dir = self.shard_dir(slot.shard)
-        os.makedirs(shard_dir, exist_ok=True)
+        if slot.shard != self._shard_made:  # once per shard, not per sample
+            os.makedirs(shard_dir, exist_ok=True)
+            self._shard_made = slot.shard
         suffixes = sample_suffixes(self.depth_format)
-        tmp_paths = []
-        for suffix in suffixes:
-            tmp = os.path.join(self.tmp_dir, stem + suffix)
-            with open(tmp, "wb") as f:
-                f.write(payloads[suffix])
-            tmp_paths.append(tmp)
-        renamed = []
+        tmp_paths, renamed = [], []
         try:
+            for suffix in suffixes:
+                tmp = os.path.join(self.tmp_dir, stem + suffix)
+                tmp_paths.append(tmp)
+                write_payload(tmp, contents[suffix])  # .pt files: torch.save into the file, no bytes copy
             for suffix, tmp in zip(suffixes, tmp_paths):
                 final = os.path.join(shard_dir, stem + suffix)
                 if os.path.exists(final):  # never clobber: the index and the folders disagree
@@ -187,8 +191,8 @@ class ShardedWriter:
                 renamed.append(final)
             self._commit([record])  # the sample exists once this line does
         except OSError:
-            # A failed rename or index write (disk full, NFS): take the pieces back so the slot is
-            # free again and the next sample can be written; this one is reported as failed.
+            # A failed write, rename or index write (disk full, NFS): take the pieces back so the
+            # slot is free again and the next sample can be written; this one is reported as failed.
             for path in renamed + tmp_paths:
                 if os.path.exists(path):
                     os.remove(path)

@@ -376,3 +376,38 @@ def test_depth_codec_ends_and_invalid_pixels():
     assert decoded[0, 0] == pytest.approx(1.0) and decoded[0, 2] == pytest.approx(10.0)
     assert decoded[0, 1] == pytest.approx(2.0, rel=0.02)
     assert (decoded[1] == 0).all(), "pixels without depth must stay recognisable"
+
+
+@pytest.mark.parametrize("levels", [255, 65535])
+def test_depth_codec_every_pixel_valid_matches_the_masked_path(levels):
+    """encode_depth's shortcut for a map with every pixel valid (VGGT's) gives the codes of the
+    masked path that handles invalid pixels: one invalid pixel (at the corner, range unchanged)
+    must not move any other pixel's code. Codes round half up; the exact ends are 1 and levels."""
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        depth = torch.from_numpy((rng.uniform(0.2, 30.0, (40, 64)) ** rng.uniform(0.5, 2.0)).astype(np.float32))
+        depth[0, 0] = depth.max()  # the corner repeats the far end: the range survives masking it
+        code, depth_min, depth_max = encode_depth(depth, levels)
+        assert code.dtype == (np.uint8 if levels == 255 else np.uint16)
+        assert code.min() == 1 and code.max() == levels
+        holed = depth.clone()
+        holed[0, 0] = float("nan")
+        masked, masked_min, masked_max = encode_depth(holed, levels)
+        assert (masked_min, masked_max) == (depth_min, depth_max) and masked[0, 0] == 0
+        assert np.array_equal(code.ravel()[1:], masked.ravel()[1:]), f"trial {trial}"
+        exact = 1 + (1 / depth.double().numpy() - 1 / depth_max) / (1 / depth_min - 1 / depth_max) * (levels - 1)
+        assert np.abs(code - exact).max() <= 0.5 + 1e-9
+    flat = torch.full((3, 4), 2.5)  # no range at all: every pixel on the far level
+    assert encode_depth(flat, levels)[0].tolist() == [[1] * 4] * 3
+
+
+def test_dir_files_hold_the_bytes_of_encode_sample(tmp_path):
+    """Dir shards save the .pt files straight into the files; tar shards hold encode_sample's
+    bytes: both are the same bytes (the archive inside a .pt is named "archive" either way)."""
+    from sharded_writer import encode_sample
+
+    sample = make_sample(3)
+    write_all(tmp_path, [sample], files_per_dir=3)
+    base = tmp_path / "0" / "000000" / "0000"
+    for suffix, payload in encode_sample(sample).items():
+        assert Path(f"{base}{suffix}").read_bytes() == payload, suffix
