@@ -18,6 +18,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from frames import WindowFrames
@@ -299,6 +300,7 @@ class GeometryStage:
         self.config = config
         self.stats = stats
         self._key_tables: dict[int, PointKeys] = {}  # pixels per window -> its point keys
+        self._input = torch.empty(0)  # CPU: the model's input, reused while the batch shape stays
 
     def input_order(self, num_frames: int) -> list[int]:
         """Positions (time order) in the order the model sees them."""
@@ -316,9 +318,18 @@ class GeometryStage:
             frames_u8 = frames_u8.pin_memory()
         order = self.input_order(S)
         on_device = frames_u8.to(self.device, non_blocking=True)
-        # [B,S,3,H,W] float in [0,1], model order. Two vectorised passes (stack of views, then
-        # convert and divide in place, strides kept): uint8.div(255) in one go was 7x slower on the CPU.
-        x = torch.stack([on_device[:, i] for i in order], dim=1).permute(0, 1, 4, 2, 3).float().div_(255)
+        # [B,S,3,H,W] float in [0,1], model order, channels-last strides (a permuted view).
+        if self.device.type == "cpu":
+            # One pass per frame into a float buffer kept between calls: a fresh one above glibc's
+            # largest heap block (32 MB: B >= 4 at k5 518x294) is mapped anew and page-faulted
+            # every call, which cost more than the conversion (17 ms vs 2.6 ms at B=4).
+            if self._input.shape != (B, S, H, W, 3):
+                self._input = torch.empty(B, S, H, W, 3)
+            for j, i in enumerate(order):
+                torch.div(on_device[:, i], 255, out=self._input[:, j])
+            x = self._input.permute(0, 1, 4, 2, 3)
+        else:  # two vectorised passes on the device: stack of views, then convert and divide in place
+            x = torch.stack([on_device[:, i] for i in order], dim=1).permute(0, 1, 4, 2, 3).float().div_(255)
         out = self.model(x)
         back = _upload([order.index(i) for i in range(S)], x.device)  # model order -> time order
         out = {k: out[k].index_select(1, back).float() for k in ("depth", "depth_conf", "extrinsic", "intrinsic")}
@@ -376,8 +387,6 @@ class GeometryStage:
         return 0 if p <= 0 else max(1, min(n, int(round(n * p / 100))))
 
     def _select_on_host(self, out: dict[str, torch.Tensor], seeds: list[int]) -> "PointSelection":
-        import numpy as np
-
         depth, conf = out["depth"], out["depth_conf"]
         B, S, H, W = depth.shape
         N, M = S * H * W, self.config.max_points
@@ -388,9 +397,10 @@ class GeometryStage:
             c, d = conf[b].reshape(-1).numpy(), depth[b].reshape(-1).numpy()
             threshold = max(self.config.min_conf, _kth_smallest_np(c, rank)) if rank else self.config.min_conf
             valid = c >= threshold
-            with np.errstate(invalid="ignore"):
-                valid &= d > 0
-                valid &= d < np.inf
+            if not d.min() > 0 or not d.max() < np.inf:  # NaN fails both: only then the masks
+                with np.errstate(invalid="ignore"):
+                    valid &= d > 0
+                    valid &= d < np.inf
             if not camera_ok[b].all():
                 valid.reshape(S, H * W)[~camera_ok[b]] = False
             count = int(np.count_nonzero(valid))
@@ -400,10 +410,11 @@ class GeometryStage:
             elif count <= M:
                 index = np.flatnonzero(valid)
             else:
-                index = self._keys(N).first_valid(valid, seeds[b], M)
-            indices.append(torch.from_numpy(index.astype(np.int64, copy=False)) + b * N)
+                index = self._keys(N).first_valid(valid, count, seeds[b], M)
+            indices.append(index + b * N)
             counts.append(index.size)
-        return PointSelection(torch.cat(indices), torch.tensor(counts), torch.tensor(kept, dtype=torch.float64), None)
+        return PointSelection(torch.from_numpy(np.concatenate(indices)), torch.tensor(counts),
+                              torch.tensor(kept, dtype=torch.float64), None)
 
     def _select_on_device(self, out: dict[str, torch.Tensor], seeds: list[int]) -> "PointSelection":
         depth, conf = out["depth"], out["depth_conf"]
@@ -471,7 +482,11 @@ class GeometryStage:
             weight = _upload([r - math.floor(r) for r in ranks], ordered.device, torch.float32)
             conf_q = low_q + (high_q - low_q) * weight
             conf_q = torch.where(focal_conf.isnan().any(1, keepdim=True), float("nan"), conf_q)
-        low, high = torch.aminmax(depth[:, S // 2].reshape(B, -1), dim=1)
+        if selection.padded is None:  # numpy: several times faster than aminmax on the CPU (NaN propagates alike)
+            focal = depth[:, S // 2].reshape(B, -1).numpy()
+            low, high = torch.from_numpy(focal.min(axis=1)), torch.from_numpy(focal.max(axis=1))
+        else:
+            low, high = torch.aminmax(depth[:, S // 2].reshape(B, -1), dim=1)
         kept = selection.kept_fraction.to(conf_q.device)
         return torch.cat([conf_q.double(), kept[:, None], low.double()[:, None], high.double()[:, None]], dim=1)
 
@@ -503,11 +518,9 @@ class PointKeys:
     priority_of(0..n-1) (a fixed random permutation); key(pixel) = rank[(pixel - seed) mod n]."""
 
     def __init__(self, n: int):
-        import numpy as np
-
         self.n = n
         order = torch.argsort(priority_of(torch.arange(n, dtype=torch.int64), n))  # keys distinct: unique order
-        self.order = order.numpy().astype(np.int64)
+        self.order = order.numpy().astype(np.int32)  # int32: half the bytes to gather and sort
         self.rank = torch.empty(n, dtype=torch.int64)
         self.rank[order] = torch.arange(n)
         self._on_device: dict[torch.device, torch.Tensor] = {}
@@ -519,48 +532,50 @@ class PointKeys:
         pixel = torch.arange(self.n, device=device)
         return self._on_device[device][(pixel[None, :] - seeds[:, None] % self.n) % self.n]
 
-    def first_valid(self, valid, seed: int, count: int):
-        """The first `count` pixels of the walk where `valid` (bool numpy [n], with more than
-        `count` True) holds, in increasing pixel order: only a prefix of the walk is looked at."""
-        import numpy as np
-
+    def first_valid(self, valid: np.ndarray, valid_count: int, seed: int, count: int) -> np.ndarray:
+        """The first `count` pixels of the walk where `valid` (bool [n], `valid_count` > `count`
+        of them True) holds, as int64 pixel indices in increasing order. Only a prefix of the walk
+        is looked at, through `valid` rotated by the seed (so the walk itself needs no arithmetic)."""
         n, seed = self.n, seed % self.n
-        look = min(n, int(count * n / max(1, np.count_nonzero(valid)) * 1.1) + 4096)
+        rotated = np.concatenate((valid[seed:], valid[:seed]))  # rotated[j] = valid[(j + seed) % n]
+        look = min(n, int(count * n / valid_count * 1.1) + 4096)
         while True:
-            pixel = self.order[:look] + seed
-            pixel[pixel >= n] -= n
-            hits = np.flatnonzero(valid[pixel])
+            steps = self.order[:look]
+            hits = steps[rotated[steps]]  # rotated positions of the valid pixels met, in walk order
             if hits.size >= count or look == n:
-                return np.sort(pixel[hits[:count]])
+                break
             look = min(n, 2 * look)
+        walk = np.sort(hits[:count]).astype(np.int64)
+        wrap = np.searchsorted(walk, n - seed)  # positions from here on wrap round to the start
+        return np.concatenate((walk[wrap:] - (n - seed), walk[:wrap] + seed))
 
 
 def _assemble_on_host(out: dict[str, torch.Tensor], flat: torch.Tensor) -> torch.Tensor:
     """assemble_points on the CPU, in numpy: `flat` [total] increasing b*N + pixel indices, so
-    each camera's points are one contiguous run and are unprojected with that camera's numbers
-    (no per-point copy of the cameras). Same arithmetic as unproject_points. Every array written
-    here is contiguous: numpy's strided writes were ten times slower."""
-    import numpy as np
-
+    each camera's points are one contiguous run, unprojected with that camera's numbers as
+    planar [3, run] arrays (numpy is several times slower on [run, 3] rows) and turned into rows
+    by the matrix product, written straight into the points (BLAS writes strided rows at full
+    speed; numpy's own strided writes do not). Same arithmetic as unproject_points."""
     depth = out["depth"]
     B, S, H, W = depth.shape
     index = flat.numpy()
-    camera = index // (H * W)  # b*S + s
-    row, column = np.divmod(index - camera * (H * W), W)
-    u, v = column.astype(np.float32), row.astype(np.float32)
-    z = depth.reshape(-1).numpy()[index]
+    bounds = np.searchsorted(index, np.arange(B * S + 1) * (H * W))  # camera c = b*S + s: bounds[c]:bounds[c+1]
+    z = depth.reshape(-1).numpy()
     K = out["intrinsic"].reshape(B * S, 3, 3).numpy()
     E = out["extrinsic"].reshape(B * S, 3, 4).numpy()
-    xyz = np.empty((index.size, 3), np.float32)
-    bounds = np.searchsorted(camera, np.arange(B * S + 1))
+    points = np.empty((index.size, 6), np.float32)  # x y z r g b
     for c in np.flatnonzero(np.diff(bounds)):
         run = slice(bounds[c], bounds[c + 1])
-        zc = z[run]
-        cam = np.stack([(u[run] - K[c, 0, 2]) / K[c, 0, 0] * zc, (v[run] - K[c, 1, 2]) / K[c, 1, 1] * zc, zc], axis=1)
-        cam -= E[c, :, 3]
-        np.matmul(cam, E[c, :, :3], out=xyz[run])  # R^T (x - t), row vectors
-    rgb = out["frames"].reshape(-1, 3).index_select(0, flat).float().div_(255)
-    return torch.cat([torch.from_numpy(xyz), rgb], dim=1)
+        v, u = np.divmod(index[run] - c * (H * W), W)
+        zc = z[index[run]]
+        cam = np.stack(((u.astype(np.float32) - K[c, 0, 2]) / K[c, 0, 0] * zc,
+                        (v.astype(np.float32) - K[c, 1, 2]) / K[c, 1, 1] * zc, zc))  # [3, run]
+        cam -= E[c, :, 3:]
+        np.matmul(cam.T, E[c, :, :3], out=points[run, :3])  # (R^T (x - t))^T = (x - t)^T R
+    rgb = np.take(out["frames"].numpy().reshape(-1, 3), index, axis=0).astype(np.float32)  # [total, 3]
+    rgb /= np.float32(255)
+    points[:, 3:] = rgb
+    return torch.from_numpy(points)
 
 
 def _camera_ok(extrinsic: torch.Tensor, intrinsic: torch.Tensor) -> torch.Tensor:
@@ -626,40 +641,49 @@ def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return host
 
 
-def _kth_smallest_np(values, k: int) -> float:
-    """values (float32 numpy, flat) -> its k-th smallest (1-based) exactly, as torch.kthvalue
-    (NaN last). A sorted strided sample brackets the answer, one pass counts the values below the
-    bracket, and numpy's selection runs on the few inside it; a missed bracket falls back to a
-    full selection."""
-    import numpy as np
-
+def _kth_smallest_np(values: np.ndarray, k: int) -> float:
+    """values (float32, flat) -> its k-th smallest (1-based) exactly, as torch.kthvalue (NaN
+    last). Two strided samples narrow a bracket [lo, hi] round the answer (a sorted 1-in-(n/8192)
+    sample, then the 1-in-8 values inside its bracket) to about 1 % of the values; one pass over
+    all values then counts those below the bracket and pulls out those inside, and numpy's
+    selection runs on those few. A bracket that missed falls back to a full selection."""
     n = values.size
     if n < (1 << 15):
         return float(np.partition(values, k - 1)[k - 1])
-    sample = np.sort(values[:: max(1, n >> 13)])  # about 8192 values
-    m = sample.size
-    margin = 2 * math.isqrt(m) + 8  # sample ranks: about 4 standard deviations
-    lo = sample[max(0, k * m // n - margin)]
-    hi = sample[min(m - 1, k * m // n + margin)]
-    below = int(np.count_nonzero(values < lo))
-    inside = values[(values >= lo) & (values <= hi)]
-    r = k - below
-    if 1 <= r <= inside.size:
-        return float(np.partition(inside, r - 1)[r - 1])
+    lo, hi = -np.inf, np.inf
+    margin_share = 4 * math.sqrt(k / n * (1 - k / n))  # 4 standard deviations of a sample rank, / sqrt(m)
+    for step in (n >> 13, 8):
+        sample = np.ascontiguousarray(values[::step])  # numpy compares strided arrays ~10x slower
+        m = sample.size
+        inside = np.sort(sample[(sample >= lo) & (sample <= hi)])
+        at = k * m / n - np.count_nonzero(sample < lo)  # the answer's expected place in `inside`
+        first, last = math.floor(at - margin_share * math.sqrt(m) - 8), math.ceil(at + margin_share * math.sqrt(m) + 8)
+        if 0 <= first < inside.size:
+            lo = inside[first]
+        if 0 <= last < inside.size:
+            hi = inside[last]
+    below_lo = values < lo
+    below = int(np.count_nonzero(below_lo))
+    up_to_hi = values <= hi
+    if below < k <= np.count_nonzero(up_to_hi):  # the answer is in [lo, hi]
+        if lo == hi:
+            return float(lo)
+        inside = up_to_hi > below_lo  # lo <= value <= hi
+        if np.count_nonzero(inside) > n // 16 and k <= np.count_nonzero(values <= lo):  # ties at lo
+            return float(lo)
+        inside = values[inside]
+        return float(np.partition(inside, k - below - 1)[k - below - 1])
     return float(np.partition(values, k - 1)[k - 1])
 
 
 def _quantiles_np(values: torch.Tensor, q: tuple[float, ...]) -> torch.Tensor:
     """[B, n] float (CPU) -> [B, len(q)] float32, torch.quantile's linear interpolation (NaN in a
     row gives NaN, as there)."""
-    import numpy as np
-
-    x = values.float().numpy()
+    x = np.sort(values.float().numpy(), axis=1)  # NaN last
     n = x.shape[1]
     ranks = np.asarray(q, np.float64) * (n - 1)
     below, above = np.floor(ranks).astype(np.int64), np.ceil(ranks).astype(np.int64)
-    part = np.partition(x, sorted(set(below.tolist() + above.tolist())), axis=1)
-    lo, hi = part[:, below], part[:, above]
+    lo, hi = x[:, below], x[:, above]
     out = lo + (hi - lo) * (ranks - below).astype(np.float32)
-    out[np.isnan(x).any(axis=1)] = np.nan
+    out[np.isnan(x[:, -1])] = np.nan
     return torch.from_numpy(out.astype(np.float32))

@@ -714,6 +714,44 @@ def test_device_path_selects_the_same_points_as_the_host_path(scene_windows, con
         assert torch.equal(a.points[:, 3:], b.points[:, 3:])
 
 
+@pytest.mark.parametrize("case", ["uniform", "constant", "few values", "two values", "heavy tail", "some NaN",
+                                  "mostly NaN", "sorted", "small"])
+def test_kth_smallest_on_the_host_is_torch_kthvalue(case):
+    """The host path's bracketed selection gives exactly torch.kthvalue's value (NaN last), for
+    ties, constant maps, NaN and skewed spreads alike."""
+    rng = np.random.default_rng(0)
+    n = 5 * 294 * 518 if case != "small" else 1000
+    values = {
+        "uniform": lambda: rng.random(n, dtype=np.float32) * 5 + 1,
+        "constant": lambda: np.ones(n, np.float32),
+        "few values": lambda: (1 + (np.arange(n) % 17) / 4).astype(np.float32),
+        "two values": lambda: np.where(rng.random(n) < 0.25, 1.0, 2.0).astype(np.float32),
+        "heavy tail": lambda: np.exp(rng.normal(0, 3, n)).astype(np.float32),
+        "some NaN": lambda: np.where(rng.random(n) < 0.3, np.nan, rng.random(n)).astype(np.float32),
+        "mostly NaN": lambda: np.where(rng.random(n) < 0.9, np.nan, rng.random(n)).astype(np.float32),
+        "sorted": lambda: np.sort(rng.random(n, dtype=np.float32)),
+        "small": lambda: rng.random(n, dtype=np.float32),
+    }[case]()
+    for k in (1, 7, n // 10, n // 4, n // 2, n - 3, n):
+        want = torch.from_numpy(values).kthvalue(k).values.item()
+        got = streaming_vggt._kth_smallest_np(values, k)
+        assert got == want or (np.isnan(got) and np.isnan(want)), (k, got, want)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 123_456, 761_559])
+def test_point_cap_takes_the_first_valid_pixels_of_the_walk(seed):
+    """PointKeys.first_valid (rotated mask, prefix of the walk) = the valid pixels with the
+    smallest keys, found the slow way from PointKeys.keys."""
+    rng = np.random.default_rng(seed)
+    n, count = 5 * 60 * 80, 2_000
+    keys = streaming_vggt.PointKeys(n)
+    valid = rng.random(n) < 0.6
+    want = torch.where(torch.from_numpy(valid), keys.keys(torch.tensor([seed]), torch.device("cpu"))[0], n + keys.n)
+    want = np.sort(want.topk(count, largest=False).indices.numpy())
+    got = keys.first_valid(valid, int(valid.sum()), seed, count)
+    assert got.dtype == np.int64 and np.array_equal(got, want)
+
+
 def test_post_processing_syncs_the_host_once_per_batch(scene_windows, monkeypatch):
     """On CUDA the only waits are in _to_host (one per batch): the device path calls nothing that
     reads a device value on the host (item, tolist, nonzero, bool(), int())."""
