@@ -273,6 +273,7 @@ def sample_seed(video: str, frame_index: int) -> int:
 class GeometryConfig:
     world_frame: str = "first"  # "first": earliest window frame's camera; "focal": the focal camera
     conf_percentile: float = 25.0  # drop the window's lowest-confidence points below this percentile
+    # (the exact percentile of every PERCENTILE_STRIDE-th pixel of the window)
     min_conf: float = 0.0  # and any point below this absolute depth_conf (VGGT's is >= 1)
     max_points: int = 50_000  # cap per sample, deterministic subsample
     focal_first: bool = True  # feed the focal frame as input 0 (VGGT's reference, predicted best)
@@ -341,7 +342,7 @@ class GeometryStage:
     @torch.inference_mode()
     def __call__(self, batch: list[WindowFrames]) -> list[Sample]:
         started = time.perf_counter()
-        frames_u8 = torch.stack([w.frames for w in batch])  # [B,S,H,W,3]
+        frames_u8 = torch.stack([w.frames for w in batch]) if len(batch) > 1 else batch[0].frames[None]  # [B,S,H,W,3]
         out = self.predict(frames_u8)
         if self.stats is not None:
             if self.device.type == "cuda":
@@ -371,7 +372,9 @@ class GeometryStage:
 
     def select_points(self, out: dict[str, torch.Tensor], seeds: list[int]) -> "PointSelection":
         """Which pixels of each window become points: confidence at or above the window's
-        `conf_percentile` (exact k-th value) and `min_conf`, finite positive depth, a usable camera;
+        `conf_percentile` (the exact k-th value of every PERCENTILE_STRIDE-th pixel, 95k of the
+        762k at k5 518x294: within ~0.2 percentile points of the full window's, at a fifth of the
+        cost) and `min_conf`, finite positive depth, a usable camera;
         of those, the `max_points` with the smallest keys (`PointKeys`), in flat (s, v, u) order.
 
         On CUDA everything stays on the device with static shapes (no host sync): [B, K] pixel
@@ -391,11 +394,12 @@ class GeometryStage:
         B, S, H, W = depth.shape
         N, M = S * H * W, self.config.max_points
         camera_ok = _camera_ok(out["extrinsic"], out["intrinsic"]).numpy()  # [B, S]
-        rank = self._threshold_rank(N)
+        rank = self._threshold_rank(-(-N // PERCENTILE_STRIDE))  # among the sampled pixels
         indices, counts, kept = [], [], []
         for b in range(B):
             c, d = conf[b].reshape(-1).numpy(), depth[b].reshape(-1).numpy()
-            threshold = max(self.config.min_conf, _kth_smallest_np(c, rank)) if rank else self.config.min_conf
+            sample = np.ascontiguousarray(c[::PERCENTILE_STRIDE])
+            threshold = max(self.config.min_conf, _kth_smallest_np(sample, rank)) if rank else self.config.min_conf
             valid = c >= threshold
             if not d.min() > 0 or not d.max() < np.inf:  # NaN fails both: only then the masks
                 with np.errstate(invalid="ignore"):
@@ -422,8 +426,9 @@ class GeometryStage:
         N, dev = S * H * W, depth.device
         K = min(self.config.max_points, N)
         flat_conf = conf.reshape(B, N)
-        rank = self._threshold_rank(N)
-        threshold = (flat_conf.float().kthvalue(rank, dim=1).values.clamp_min(self.config.min_conf) if rank
+        sample = flat_conf[:, ::PERCENTILE_STRIDE]
+        rank = self._threshold_rank(sample.shape[1])
+        threshold = (sample.float().kthvalue(rank, dim=1).values.clamp_min(self.config.min_conf) if rank
                      else torch.full((B,), self.config.min_conf, device=dev))
         valid = (flat_conf >= threshold[:, None]) & (depth.reshape(B, N) > 0) & (depth.reshape(B, N) < float("inf"))
         valid = (valid.view(B, S, H * W) & _camera_ok(out["extrinsic"], out["intrinsic"])[:, :, None]).view(B, N)
@@ -491,6 +496,7 @@ class GeometryStage:
         return torch.cat([conf_q.double(), kept[:, None], low.double()[:, None], high.double()[:, None]], dim=1)
 
 
+PERCENTILE_STRIDE = 8  # the confidence threshold is the percentile of every 8th pixel of the window
 QUALITY_QUANTILES = (0.1, 0.5, 0.9)
 QUALITY_STRIDE = 8  # confidence percentiles of the focal frame from every 8th pixel (38k of 152k at 518x294)
 

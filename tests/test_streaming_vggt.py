@@ -265,12 +265,14 @@ def test_confidence_percentile_keeps_exactly_the_confident_pixels(oracle_run, sc
     for full, kept in zip(everything, filtered):
         S, (H, W) = len(full.window_frame_indices), full.depth.shape
         conf = oracle_conf(S, H, W)
-        threshold = conf.sort().values[max(1, round(conf.numel() * percentile / 100)) - 1]
+        sample = conf[:: streaming_vggt.PERCENTILE_STRIDE]  # the threshold is the sample's exact percentile
+        threshold = sample.sort().values[max(1, round(sample.numel() * percentile / 100)) - 1]
         mask = conf >= threshold
         assert torch.equal(kept.points, full.points[mask])  # the same points, same order
         dropped = 1 - kept.points.shape[0] / full.points.shape[0]
-        # ties: the oracle's confidence is symmetric and equal in all S frames
-        assert abs(dropped - percentile / 100) < 4 * S / conf.numel() + 1e-3
+        # the sample's percentile is the window's within a few standard errors (ties: the oracle's
+        # confidence is symmetric and equal in all S frames)
+        assert abs(dropped - percentile / 100) < 5e-3
         assert kept.quality["kept_fraction"] == pytest.approx(mask.float().mean().item(), abs=1e-6)
 
 
@@ -291,7 +293,8 @@ def test_cap_is_respected_and_samples_the_whole_window(oracle_run, scene_windows
     for full, sample, window in zip(everything, capped, scene_windows):
         S, (H, W) = len(full.window_frame_indices), full.depth.shape
         conf = oracle_conf(S, H, W)
-        threshold = conf.sort().values[round(conf.numel() * 0.30) - 1]
+        sampled = conf[:: streaming_vggt.PERCENTILE_STRIDE]
+        threshold = sampled.sort().values[round(sampled.numel() * 0.30) - 1]
         valid = int((conf >= threshold).sum())
         assert sample.points.shape == (min(max_points, valid), 6)
         if max_points == 0:
