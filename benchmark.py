@@ -13,7 +13,7 @@ For every video and every --batch-size B, side by side in one run (medians over 
   model-only  the same GeometryStage (forward + post-processing + copy to the host) called in a
               loop on pre-decoded windows, B per call
   decode-only FrameSource alone (the product's decoder): reading just the needed frames, once
-              each, + resize to the model grid
+              each, + resize to the model grid, with the e2e run's FFmpeg threads (--decode-threads)
   dec/need    frames handed over by the decoder / distinct frames some window needs (worst of the
               e2e and decode-only runs)
   s/window    decode, model forward, post-process and write seconds per window, from the same
@@ -185,6 +185,14 @@ def make_stage(args, model, device: torch.device, config: GeometryConfig):
     return GeometryStage(model, device, config)
 
 
+def decode_threads(args) -> int:
+    """FFmpeg's threads per video, as a worker sets them (extract_dataset.Worker): on a CPU device
+    the worker's CPUs (--cpu-threads here, --cpus-per-worker there), on a GPU FFmpeg's choice."""
+    if args.decode_threads is not None:
+        return args.decode_threads
+    return max(1, args.cpu_threads) if torch.device(args.device).type == "cpu" else 0
+
+
 def make_model(args):
     if args.backend in ("zero", "zero-stage"):
         return make_zero(args.device)
@@ -270,7 +278,7 @@ def in_thread(function, *args):
 def measure_decode_only(video: str, settings: WindowSettings) -> dict:
     """FrameSource alone: the most windows/s the decode stage can hand the model."""
     started = time.perf_counter()
-    source = FrameSource(video, settings.resize_mode)
+    source = FrameSource(video, settings.resize_mode, settings.decode_threads)
     dilation = settings.dilation_for(source.info.fps)
     count = sum(1 for _ in source.windows(settings.kernel, settings.stride, dilation))
     seconds = time.perf_counter() - started
@@ -310,7 +318,7 @@ def measure_pipeline(stage: GeometryStage, video: str, settings: WindowSettings,
 
 
 def predecode(video: str, settings: WindowSettings, limit: int) -> list:
-    source = FrameSource(video, settings.resize_mode)
+    source = FrameSource(video, settings.resize_mode, settings.decode_threads)
     dilation = settings.dilation_for(source.info.fps)
     out = []
     for w in source.windows(settings.kernel, settings.stride, dilation):
@@ -486,7 +494,8 @@ def child_arguments(args, batch_size: int) -> list[str]:
     out = ["--backend", args.backend, "--device", args.device, "--batch-size", str(batch_size),
            "--kernel", str(args.kernel), "--stride", str(args.stride), "--dilation", str(args.dilation),
            "--resize-mode", args.resize_mode, "--max-points", str(args.max_points),
-           "--precision", args.precision, "--heads", args.heads, "--cpu-threads", str(args.cpu_threads)]
+           "--precision", args.precision, "--heads", args.heads, "--cpu-threads", str(args.cpu_threads),
+           "--decode-threads", str(decode_threads(args))]
     return out
 
 
@@ -503,7 +512,8 @@ def fresh_process_run(args, video: str, batch_size: int) -> dict:
 
 def run_benchmark(args) -> list[Row]:
     device = torch.device(args.device)
-    settings = WindowSettings(args.kernel, args.stride, args.dilation, None, args.resize_mode)
+    settings = WindowSettings(args.kernel, args.stride, args.dilation, None, args.resize_mode,
+                              decode_threads=decode_threads(args))
     config = GeometryConfig(max_points=args.max_points)
     model = make_model(args)
     stage = make_stage(args, model, device, config)
@@ -572,7 +582,8 @@ def rss_child(args) -> None:
     """One pipeline run in this (fresh) process; prints a JSON line with its peak RSS."""
     model = make_model(args)
     stage = make_stage(args, model, torch.device(args.device), GeometryConfig(max_points=args.max_points))
-    settings = WindowSettings(args.kernel, args.stride, args.dilation, None, args.resize_mode)
+    settings = WindowSettings(args.kernel, args.stride, args.dilation, None, args.resize_mode,
+                              decode_threads=decode_threads(args))
     scratch = tempfile.mkdtemp(prefix="bench_rss_")
     try:
         result = measure_pipeline(stage, args.rss_child, settings, args.batch_size[0], os.path.join(scratch, "out"))
@@ -623,10 +634,11 @@ def shots_cost(args) -> None:
 
     videos = args.videos or [cached_video(args.workdir, size, args.seconds, args.fps) for size in args.sizes]
     model = load_transnetv2(args.device)
-    settings = WindowSettings(args.kernel, args.stride, args.dilation, None, args.resize_mode)
+    settings = WindowSettings(args.kernel, args.stride, args.dilation, None, args.resize_mode,
+                              decode_threads=decode_threads(args))
 
     def plain(video):
-        source = FrameSource(video, settings.resize_mode)
+        source = FrameSource(video, settings.resize_mode, settings.decode_threads)
         return sum(1 for _ in source.windows(settings.kernel, settings.stride, settings.dilation))
 
     def every_frame(video, small: bool):
@@ -640,7 +652,7 @@ def shots_cost(args) -> None:
         return smalls
 
     def shot_windows(video):
-        source = FrameSource(video, settings.resize_mode)
+        source = FrameSource(video, settings.resize_mode, settings.decode_threads)
         return sum(1 for _ in source.shot_windows(settings.kernel, settings.stride, settings.dilation,
                                                   ShotDetector(model)))
 
@@ -703,6 +715,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-windows", type=int, default=0,
                    help="model-only and naive runs use the first N windows of each video; 0: all")
     p.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    p.add_argument("--decode-threads", type=int, default=None,
+                   help="FFmpeg threads per video for decode-only and e2e alike (default: as a worker: "
+                        "--cpu-threads on a CPU device, FFmpeg's choice (0) on a GPU)")
     p.add_argument("--cpu-threads", type=int, default=1,
                    help="torch.set_num_threads, as a worker sets it from --cpus-per-worker (default 1); 0: torch's "
                         "default (on a loaded machine OpenMP's spinning made 2 threads erratic, 3-10x slower)")
@@ -742,6 +757,7 @@ def main(argv=None) -> int:
     print(f"# backend={args.backend} heads={args.heads} device={args.device} precision={args.precision} "
           f"kernel={args.kernel} stride={args.stride} dilation={args.dilation} max_points={args.max_points} "
           f"repeats={args.repeats} (medians) torch_threads={torch.get_num_threads()} "
+          f"decode_threads={decode_threads(args)} "
           f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else os.cpu_count()} "
           f"{'GPU' if args.device.startswith('cuda') else 'CPUs'}")
     print_table(rows)

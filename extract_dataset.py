@@ -484,8 +484,12 @@ class Worker:
             min_conf=config.min_conf, max_points=config.max_points))
         writer = ShardedWriter(config.root, rank, config.files_per_dir,
                                shard_format=config.shard_format, depth_format=config.depth_format)
+        # On a CPU every stage shares the cores Ray reserved for this worker: FFmpeg decodes with
+        # that many threads, not one per core of the machine (NOTES.md, issue 12). A GPU worker
+        # leaves its cores to decoding: FFmpeg picks.
         settings = WindowSettings(config.kernel, config.stride, config.dilation or 1,
-                                  config.window_seconds, config.resize_mode, config.shots)
+                                  config.window_seconds, config.resize_mode, config.shots,
+                                  decode_threads=config.cpus if torch.device(device).type == "cpu" else 0)
         self.pipeline = Pipeline(stage, writer, settings, batch_size=worker_batch_size(config.batch_size, device),
                                  on_device_fault=functools.partial(end_worker_process, rank_dir),
                                  shot_model=_shot_model(config.shots, device))

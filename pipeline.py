@@ -36,6 +36,7 @@ class WindowSettings:
     window_seconds: float | None = None  # when set, dilation comes from each video's fps
     resize_mode: str = "crop"
     shots: str = "off"  # "detect": windows restart in every shot (shots.py); "off": the plain convolution
+    decode_threads: int = 0  # FFmpeg's threads per video (0: FFmpeg picks, about one per core)
 
     def dilation_for(self, fps: float) -> int:
         if self.window_seconds is None:
@@ -323,7 +324,7 @@ class Pipeline:
         result = VideoResult(task.video, "done")
         started = time.perf_counter()
         try:
-            source = FrameSource(task.video, s.resize_mode)
+            source = FrameSource(task.video, s.resize_mode, s.decode_threads)
             self.stats.stat_update("decode_seconds", time.perf_counter() - started)  # opening counts too
             info = source.info
             dilation = s.dilation_for(info.fps)
