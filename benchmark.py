@@ -88,6 +88,18 @@ def generate_video(path: str, width: int, height: int, frames: int, fps: float, 
     stream = container.add_stream("libx264", rate=round(fps))
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
     stream.options = {"preset": "ultrafast", "crf": str(crf)}
+    encode_pan(container, stream, base, frames)
+    os.replace(tmp, path)
+    return path
+
+
+def encode_pan(container, stream, base: np.ndarray, frames: int) -> None:
+    """Encode `frames` frames of stream.width x stream.height cut from uint8 [H, W, 3] `base`,
+    moving 3 px right and 2 px down a frame (wrapping within its margin), then close the file."""
+    import av
+
+    width, height = stream.width, stream.height
+    pan_x, pan_y = base.shape[1] - width, base.shape[0] - height
     for i in range(frames):
         dx, dy = (3 * i) % pan_x, (2 * i) % pan_y
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(base[dy:dy + height, dx:dx + width]), format="rgb24")
@@ -96,8 +108,6 @@ def generate_video(path: str, width: int, height: int, frames: int, fps: float, 
     for packet in stream.encode():
         container.mux(packet)
     container.close()
-    os.replace(tmp, path)
-    return path
 
 
 def cached_video(workdir: str, size: str, seconds: float, fps: float) -> str:

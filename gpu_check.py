@@ -277,9 +277,10 @@ def generate_clip(path: str, width: int, height: int, frames: int, fps: int = 30
     """An H.264 (or, without libx264, MPEG-4 part 2) clip panning over a smooth texture, encoded
     with PyAV (no ffmpeg program needed)."""
     import av
-    import numpy as np
     import torch
     import torch.nn.functional as F
+
+    from benchmark import encode_pan
 
     g = torch.Generator().manual_seed(0)
     noise = torch.rand(1, 3, (height + 256) // 32, (width + 384) // 32, generator=g)
@@ -294,14 +295,7 @@ def generate_clip(path: str, width: int, height: int, frames: int, fps: int = 30
             continue
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = options
-        for i in range(frames):
-            dx, dy = (3 * i) % 384, (2 * i) % 256
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(base[dy:dy + height, dx:dx + width]), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-        container.close()
+        encode_pan(container, stream, base, frames)
         return codec
     raise RuntimeError("PyAV has neither libx264 nor mpeg4 encoders")
 
