@@ -279,11 +279,12 @@ def encode_sample(sample: Sample, jpeg_quality: int = DEFAULT_JPEG_QUALITY,
             for suffix, payload in sample_payloads(sample, jpeg_quality, depth_format).items()}
 
 
-def write_payload(path: str, payload: bytes | dict | torch.Tensor) -> None:
+def write_payload(path: str, payload: bytes | dict | torch.Tensor, start_writeback: bool = False) -> None:
     """Write one file of sample_payloads at `path` (created or truncated), the same bytes
     encode_sample gives: a torch object is torch.save'd straight into the open file (no copy in
     memory; a file object, not the path, so that the archive inside is named "archive" as for
-    bytes, not after the file)."""
+    bytes, not after the file). `start_writeback`: queue the file for the disk now (see
+    drop_from_page_cache), so that a later drop_from_page_cache finds its pages clean."""
     with open(path, "wb") as f:
         if isinstance(payload, bytes):
             f.write(payload)
@@ -291,6 +292,20 @@ def write_payload(path: str, payload: bytes | dict | torch.Tensor) -> None:
             import torch
 
             torch.save(payload, f)
+        if start_writeback:
+            f.flush()
+            drop_from_page_cache(f.fileno())
+
+
+def drop_from_page_cache(fd: int, offset: int = 0, length: int = 0) -> None:
+    """posix_fadvise(DONTNEED) on a file's bytes (length 0: to the end): Linux drops the clean
+    cached pages and starts writing the dirty ones back, so a second call once they are on disk
+    drops those too. A no-op where the call does not exist; errors are ignored (advice only)."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
 
 
 def _jpeg(pixels: np.ndarray, quality: int) -> bytes:

@@ -411,3 +411,46 @@ def test_dir_files_hold_the_bytes_of_encode_sample(tmp_path):
     base = tmp_path / "0" / "000000" / "0000"
     for suffix, payload in encode_sample(sample).items():
         assert Path(f"{base}{suffix}").read_bytes() == payload, suffix
+
+
+# ----------------------------------------------------------------------------- page cache
+
+
+def resident_pages(path: str) -> int:
+    """Pages of the file now in the page cache (mincore on a private mapping of it)."""
+    import ctypes
+    import mmap
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vector = (ctypes.c_ubyte * pages)()
+        address = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vector) == 0, ctypes.get_errno()
+        count = sum(v & 1 for v in vector)
+        del address  # the buffer export must end before the mapping closes
+        return count
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise: Linux")
+def test_written_samples_leave_the_page_cache(tmp_path):
+    """Files written WRITTEN_LAG files ago, and on disk by then, are dropped from the page cache
+    (a dataset is write-once: cached samples only push the videos being read out of memory)."""
+    import sharded_writer
+
+    probe = tmp_path / "probe.bin"
+    probe.write_bytes(os.urandom(1 << 20))
+    os.sync()
+    with open(probe, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if resident_pages(str(probe)) > 0:
+        pytest.skip("this file system keeps clean pages cached after POSIX_FADV_DONTNEED (tmpfs?)")
+    with ShardedWriter(str(tmp_path / "out"), 0) as writer:
+        writer.write(make_sample(0, n_points=20_000))
+        first = [str(p) for p in (tmp_path / "out" / "0" / "000000").glob("0000.*")]
+        assert len(first) == 4
+        os.sync()  # on disk now, as it would be a few samples later
+        for i in range(1, sharded_writer.WRITTEN_LAG // 4 + 1):
+            writer.write(make_sample(i, n_points=20_000))
+        assert sum(resident_pages(p) for p in first) == 0
