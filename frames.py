@@ -488,23 +488,33 @@ class _ToRGB:
     8-bit 4:2:0 goes through swscale's direct YUV->RGB path (identical either way, and fastest);
     other formats (10-bit, 4:2:2, 4:1:1 DV, ...) through FFmpeg's own format filter, as the ffmpeg
     program's auto-inserted scaler does: a plain swscale call interpolates chroma differently
-    (up to 120/255 apart at sharp colour edges of 10-bit HEVC, 154/255 for DV)."""
+    (up to 120/255 apart at sharp colour edges of 10-bit HEVC, 154/255 for DV).
+
+    The conversion runs in the calling thread (swscale threads = 1, the same pixels). PyAV 17+
+    otherwise splits each frame over one swscale thread per core: measured on 2 cores, 720p, the
+    decode thread then waited ~1.5 ms a frame for those threads whenever the model and writer
+    threads had the cores (0.2 ms alone), and ran no faster alone either (NOTES.md, issue 12)."""
 
     DIRECT = ("yuv420p", "yuvj420p")
 
     def __init__(self):
+        import av
+
         self._graph = None
         self._key = None
+        self._options = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}  # older: 1 anyway
 
     def __call__(self, frame) -> np.ndarray:
         if frame.format.name in self.DIRECT:
-            return frame.to_ndarray(format="rgb24")
+            return frame.to_ndarray(format="rgb24", **self._options)
         import av.filter
         from fractions import Fraction
 
         key = (frame.format.name, frame.width, frame.height)
         if key != self._key:  # (re)built when the stream changes format or size
             graph = av.filter.Graph()
+            if self._options and hasattr(type(graph), "threads"):
+                graph.threads = 1  # before any filter is added; the same reason as above
             source = graph.add_buffer(width=frame.width, height=frame.height, format=frame.format,
                                       time_base=frame.time_base or Fraction(1, 25))
             convert = graph.add("format", "rgb24")
