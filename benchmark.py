@@ -18,6 +18,10 @@ For every video and every --batch-size B, side by side in one run (medians over 
               e2e and decode-only runs)
   s/window    decode, model forward, post-process and write seconds per window, from the same
               pipeline.Stats counters the worker logs and the driver's summary read
+  dec wait    of decode s/w, the seconds the decode thread was not on a CPU (decode_seconds -
+              decode_cpu_seconds): waiting for Python's GIL, for helper threads or for a core.
+              Decode-only waits ~0.1 ms a window; much more in e2e means the other stages hold
+              the decoder up (swscale's helper threads once cost 4-5 ms here, NOTES.md)
   overlap     sum of those four / e2e seconds per window: 1 = stages ran one after another,
               2 = two stages busy at every moment, at most 3 (or the free cores, on a CPU run)
   RSS MB      peak resident memory of a fresh process running that pipeline (--rss fresh)
@@ -462,6 +466,7 @@ class Row:
     decode_only: float
     decoded_per_needed: float
     decode_s: float
+    decode_wait_s: float
     model_s: float
     post_s: float
     write_s: float
@@ -479,7 +484,7 @@ class Row:
 COLUMNS = [  # header, width, format
     ("video", 12, "s"), ("B", 3, "d"), ("windows", 7, "d"), ("e2e w/s", 8, ".2f"), ("model-only", 10, ".2f"),
     ("decode-only", 11, ".2f"), ("e2e/dec", 7, ".2f"), ("e2e/model", 9, ".2f"), ("dec/need", 8, ".2f"),
-    ("decode s/w", 10, ".4f"), ("model s/w", 9, ".4f"), ("post s/w", 8, ".4f"), ("write s/w", 9, ".4f"),
+    ("decode s/w", 10, ".4f"), ("dec wait", 8, ".4f"), ("model s/w", 9, ".4f"), ("post s/w", 8, ".4f"), ("write s/w", 9, ".4f"),
     ("overlap", 7, ".2f"), ("RSS MB", 6, ".0f"), ("GPU MB", 6, ".0f"), ("naive w/s", 9, ".2f"),
     ("speed-up", 8, ".2f"),
 ]
@@ -491,7 +496,8 @@ def print_table(rows: list[Row], file=None) -> None:
     print("-|-".join("-" * w for _, w, _ in COLUMNS), file=file)
     for r in rows:
         values = [r.video, r.batch, r.windows, r.e2e, r.model_only, r.decode_only, r.e2e / r.decode_only,
-                  r.e2e / r.model_only, r.decoded_per_needed, r.decode_s, r.model_s, r.post_s, r.write_s,
+                  r.e2e / r.model_only, r.decoded_per_needed, r.decode_s, r.decode_wait_s, r.model_s, r.post_s,
+                  r.write_s,
                   r.overlap, r.rss_mb, r.gpu_mb, r.naive, r.e2e / r.naive]
         cells = []
         for (h, w, f), v in zip(COLUMNS, values):
@@ -574,7 +580,10 @@ def run_benchmark(args) -> list[Row]:
                     model_only=median([m["windows"] / m["seconds"] for m in model_runs[b]]),
                     decode_only=decode_rate,
                     decoded_per_needed=decoded_ratio,
-                    decode_s=per_window("decode_seconds"), model_s=per_window("forward_seconds"),
+                    decode_s=per_window("decode_seconds"),
+                    decode_wait_s=(per_window("decode_seconds") - per_window("decode_cpu_seconds")
+                                   if all("decode_cpu_seconds" in r["counts"] for r in e2e) else float("nan")),
+                    model_s=per_window("forward_seconds"),
                     post_s=per_window("postprocess_seconds"), write_s=per_window("write_seconds"),
                     rss_mb=rss / 2**20,
                     gpu_mb=median([r["peak_gpu"] for r in e2e]) / 2**20,

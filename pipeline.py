@@ -337,12 +337,15 @@ class Pipeline:
             if s.shots == "detect":
                 self._decode_shots(source, dilation, after)
             else:
-                started = time.perf_counter()
+                # decode_seconds - decode_cpu_seconds: the decoder waiting (Python's GIL, helper
+                # threads, the CPU run queue) rather than decoding
+                started, cpu_started = time.perf_counter(), time.thread_time()
                 for window in source.windows(s.kernel, s.stride, dilation, after):
                     self.stats.stat_update("decode_seconds", time.perf_counter() - started)
+                    self.stats.stat_update("decode_cpu_seconds", time.thread_time() - cpu_started)
                     self.stats.stat_update("windows_decoded")
                     self._put(self._windows, window, "decode_blocked_seconds")
-                    started = time.perf_counter()
+                    started, cpu_started = time.perf_counter(), time.thread_time()
             self.stats.stat_update("frames_decoded", source.frames_decoded)
             result.num_frames = source.num_frames  # decoded: frame i is the decoder's i-th frame
             result.windows = num_windows(source.num_frames, s.kernel, s.stride, dilation)

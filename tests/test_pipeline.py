@@ -222,9 +222,11 @@ def test_stage_seconds_land_in_the_pipeline_counters(clip, one_torch_thread):
     windows = num_windows(40, 3, 2, 1)
     assert counts["windows_decoded"] == counts["samples_written"] == windows
     assert counts["points_written"] == 100 * windows  # capped by max_points
-    for key in ("decode_seconds", "model_seconds", "forward_seconds", "postprocess_seconds", "write_seconds"):
+    for key in ("decode_seconds", "decode_cpu_seconds", "model_seconds", "forward_seconds", "postprocess_seconds",
+                "write_seconds"):
         assert counts[key] > 0, key
     assert counts["forward_seconds"] + counts["postprocess_seconds"] <= counts["model_seconds"] * 1.01 + 1e-3
+    assert counts["decode_cpu_seconds"] <= counts["decode_seconds"] * 1.01 + 1e-3  # CPU time within wall time
 
 
 # ----------------------------------------------------------------------------- GPU faults and full batches
