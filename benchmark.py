@@ -6,7 +6,9 @@
     python benchmark.py --rss-check                       # peak RSS: 10-minute vs 10-second 360p video
     python benchmark.py --shots-cost --sizes 1080p        # shot detector cost vs decode-only (--shots detect)
 
-For every video and every --batch-size B, side by side in one run (medians over --repeats):
+For every video and every --batch-size B, side by side in one run (medians over --repeats; the
+ratios e2e/dec and e2e/model are medians of each repeat's own ratio, its runs being minutes apart
+at most, so that a machine whose speed drifts affects both sides of a ratio alike):
   e2e         pipeline.Pipeline (decode thread -> model thread, B windows per forward -> writer
               thread) with a real ShardedWriter into a temporary folder: windows/s from submit to
               the video's last committed sample
@@ -464,6 +466,8 @@ class Row:
     e2e: float
     model_only: float
     decode_only: float
+    e2e_per_decode: float  # median over repeats of (e2e / decode-only) of the same repeat
+    e2e_per_model: float
     decoded_per_needed: float
     decode_s: float
     decode_wait_s: float
@@ -495,8 +499,8 @@ def print_table(rows: list[Row], file=None) -> None:
     print(" | ".join(f"{h:>{w}}" for h, w, _ in COLUMNS), file=file)
     print("-|-".join("-" * w for _, w, _ in COLUMNS), file=file)
     for r in rows:
-        values = [r.video, r.batch, r.windows, r.e2e, r.model_only, r.decode_only, r.e2e / r.decode_only,
-                  r.e2e / r.model_only, r.decoded_per_needed, r.decode_s, r.decode_wait_s, r.model_s, r.post_s,
+        values = [r.video, r.batch, r.windows, r.e2e, r.model_only, r.decode_only, r.e2e_per_decode,
+                  r.e2e_per_model, r.decoded_per_needed, r.decode_s, r.decode_wait_s, r.model_s, r.post_s,
                   r.write_s,
                   r.overlap, r.rss_mb, r.gpu_mb, r.naive, r.e2e / r.naive]
         cells = []
@@ -574,11 +578,14 @@ def run_benchmark(args) -> list[Row]:
                     rss = fresh_process_run(args, video, b)["peak_rss"]
                 else:
                     rss = median([r["peak_rss"] for r in e2e])
+                rate = lambda run: run["windows"] / run["seconds"]
                 rows.append(Row(
                     video=label, batch=b, windows=e2e[0]["windows"],
-                    e2e=median([r["windows"] / r["seconds"] for r in e2e]),
-                    model_only=median([m["windows"] / m["seconds"] for m in model_runs[b]]),
+                    e2e=median([rate(r) for r in e2e]),
+                    model_only=median([rate(m) for m in model_runs[b]]),
                     decode_only=decode_rate,
+                    e2e_per_decode=median([rate(r) / rate(d) for r, d in zip(e2e, decode_runs)]),
+                    e2e_per_model=median([rate(r) / rate(m) for r, m in zip(e2e, model_runs[b])]),
                     decoded_per_needed=decoded_ratio,
                     decode_s=per_window("decode_seconds"),
                     decode_wait_s=(per_window("decode_seconds") - per_window("decode_cpu_seconds")
