@@ -311,9 +311,15 @@ class GeometryStage:
         return [focal] + [i for i in range(num_frames) if i != focal]
 
     @torch.inference_mode()
-    def predict(self, frames_u8: torch.Tensor) -> dict[str, torch.Tensor]:
-        """uint8 [B,S,H,W,3] (time order, host) -> model outputs in time order on the device,
-        cameras re-expressed in the configured world frame."""
+    def predict(self, frames_u8: torch.Tensor) -> dict:
+        """uint8 [B,S,H,W,3] (time order, host) -> model outputs on the device, cameras
+        re-expressed in the configured world frame:
+            depth, depth_conf  float32 [B,S,H,W]; time frame s is at index position[s] of dim 1
+            extrinsic          float32 [B,S,3,4] world-to-camera, time order
+            intrinsic          float32 [B,S,3,3], time order
+            frames             uint8 [B,S,H,W,3], time order (the points' colours)
+            position           list[int] [S]: time order on CUDA; on the CPU the model's own
+                               order (no 12 MB copy a window: the host steps index frames by it)"""
         B, S, H, W, _ = frames_u8.shape
         if frames_u8.device.type == "cpu" and self.device.type == "cuda":
             frames_u8 = frames_u8.pin_memory()
@@ -333,8 +339,12 @@ class GeometryStage:
         else:  # two vectorised passes on the device: stack of views, then convert and divide in place
             x = torch.stack([on_device[:, i] for i in order], dim=1).permute(0, 1, 4, 2, 3).float().div_(255)
         out = self.model(x)
-        back = _upload([order.index(i) for i in range(S)], x.device)  # model order -> time order
-        out = {k: out[k].index_select(1, back).float() for k in ("depth", "depth_conf", "extrinsic", "intrinsic")}
+        position = [order.index(i) for i in range(S)]  # time frame s -> model input position[s]
+        back = _upload(position, x.device)
+        maps = ("depth", "depth_conf") if self.device.type != "cpu" else ()  # reordered by index on the CPU
+        out = {k: (out[k].index_select(1, back) if k in maps or k in ("extrinsic", "intrinsic") else out[k]).float()
+               for k in ("depth", "depth_conf", "extrinsic", "intrinsic")}
+        out["position"] = position if not maps else list(range(S))
         anchor = 0 if self.config.world_frame == "first" else S // 2
         out["extrinsic"] = rebase_extrinsics(out["extrinsic"], anchor)
         out["frames"] = on_device  # uint8 [B,S,H,W,3], time order: the colours of the points
@@ -358,7 +368,8 @@ class GeometryStage:
         # The one wait of the batch: kept points, counts, quality, focal depth and cameras cross
         # to the host together (pinned buffers, non-blocking copies).
         points_cpu, counts_cpu, quality_cpu, depth_cpu, extrinsic_cpu, intrinsic_cpu = _to_host([
-            points, selection.counts, quality, out["depth"][:, S // 2].contiguous(), out["extrinsic"], out["intrinsic"]])
+            points, selection.counts, quality, out["depth"][:, out["position"][S // 2]].contiguous(), out["extrinsic"],
+            out["intrinsic"]])
         counts, padded = counts_cpu.tolist(), selection.padded
         starts = ([b * padded for b in range(len(batch))] if padded is not None
                   else [sum(counts[:b]) for b in range(len(batch))])
@@ -371,7 +382,7 @@ class GeometryStage:
 
     # ------------------------------------------------------------------ batch-wide steps
 
-    def select_points(self, out: dict[str, torch.Tensor], seeds: list[int]) -> "PointSelection":
+    def select_points(self, out: dict, seeds: list[int]) -> "PointSelection":
         """Which pixels of each window become points: confidence at or above the window's
         `conf_percentile` (the exact k-th value of every PERCENTILE_STRIDE-th pixel, 95k of the
         762k at k5 518x294: within ~0.2 percentile points of the full window's, at a fifth of the
@@ -390,22 +401,26 @@ class GeometryStage:
         p = self.config.conf_percentile
         return 0 if p <= 0 else max(1, min(n, int(round(n * p / 100))))
 
-    def _select_on_host(self, out: dict[str, torch.Tensor], seeds: list[int]) -> "PointSelection":
-        depth, conf = out["depth"], out["depth_conf"]
-        B, S, H, W = depth.shape
-        N, M = S * H * W, self.config.max_points
+    def _select_on_host(self, out: dict, seeds: list[int]) -> "PointSelection":
+        B, S, H, W = out["depth"].shape
+        HW, P = H * W, PERCENTILE_STRIDE
+        N, M = S * HW, self.config.max_points
         camera_ok = _camera_ok(out["extrinsic"], out["intrinsic"]).numpy()  # [B, S]
-        rank = self._threshold_rank(-(-N // PERCENTILE_STRIDE))  # among the sampled pixels
+        rank = self._threshold_rank(-(-N // P))  # among the sampled pixels
         indices, counts, kept = [], [], []
         for b in range(B):
-            c, d = conf[b].reshape(-1).numpy(), depth[b].reshape(-1).numpy()
-            sample = np.ascontiguousarray(c[::PERCENTILE_STRIDE])
+            cs, ds = _time_frames(out, "depth_conf", b), _time_frames(out, "depth", b)  # [HW] each
+            # every P-th pixel of the window in (s, v, u) order: frame s starts at flat s*HW
+            sample = np.concatenate([c[(-s * HW) % P::P] for s, c in enumerate(cs)])
             threshold = max(self.config.min_conf, _kth_smallest_np(sample, rank)) if rank else self.config.min_conf
-            valid = c >= threshold
-            if not d.min() > 0 or not d.max() < np.inf:  # NaN fails both: only then the masks
+            valid = np.empty(N, bool)  # flat (s, v, u), time order
+            for s, c in enumerate(cs):
+                np.greater_equal(c, threshold, out=valid[s * HW:(s + 1) * HW])
+            if not all(d.min() > 0 and d.max() < np.inf for d in ds):  # NaN fails both: only then the masks
                 with np.errstate(invalid="ignore"):
-                    valid &= d > 0
-                    valid &= d < np.inf
+                    for s, d in enumerate(ds):
+                        valid[s * HW:(s + 1) * HW] &= d > 0
+                        valid[s * HW:(s + 1) * HW] &= d < np.inf
             if not camera_ok[b].all():
                 valid.reshape(S, H * W)[~camera_ok[b]] = False
             count = int(np.count_nonzero(valid))
@@ -421,8 +436,8 @@ class GeometryStage:
         return PointSelection(torch.from_numpy(np.concatenate(indices)), torch.tensor(counts),
                               torch.tensor(kept, dtype=torch.float64), None)
 
-    def _select_on_device(self, out: dict[str, torch.Tensor], seeds: list[int]) -> "PointSelection":
-        depth, conf = out["depth"], out["depth_conf"]
+    def _select_on_device(self, out: dict, seeds: list[int]) -> "PointSelection":
+        depth, conf = _time_ordered(out, "depth"), _time_ordered(out, "depth_conf")
         B, S, H, W = depth.shape
         N, dev = S * H * W, depth.device
         K = min(self.config.max_points, N)
@@ -452,15 +467,15 @@ class GeometryStage:
             self._key_tables[n] = PointKeys(n)
         return self._key_tables[n]
 
-    def assemble_points(self, out: dict[str, torch.Tensor], selection: "PointSelection") -> torch.Tensor:
+    def assemble_points(self, out: dict, selection: "PointSelection") -> torch.Tensor:
         """Kept pixels -> points [.., 6]: x y z in the window's world (unprojected through their
         own frame's camera) and r g b in [0, 1] from their own frame."""
-        depth, extrinsic, intrinsic = out["depth"], out["extrinsic"], out["intrinsic"]
+        if selection.padded is None:
+            return _assemble_on_host(out, selection.index)
+        depth, extrinsic, intrinsic = _time_ordered(out, "depth"), out["extrinsic"], out["intrinsic"]
         B, S, H, W = depth.shape
         N = S * H * W
         flat = selection.index
-        if selection.padded is None:
-            return _assemble_on_host(out, flat)
         # device path: [B, K], padding (N) where a window has fewer points
         flat = (flat.clamp_max(N - 1) + torch.arange(B, device=flat.device)[:, None] * N).reshape(-1)
         window, pixel = flat // N, flat % N
@@ -471,13 +486,14 @@ class GeometryStage:
         rgb = out["frames"].reshape(B * N, 3)[flat].float().div_(255)
         return torch.cat([xyz, rgb], dim=1)
 
-    def quality_figures(self, out: dict[str, torch.Tensor], selection: "PointSelection") -> torch.Tensor:
+    def quality_figures(self, out: dict, selection: "PointSelection") -> torch.Tensor:
         """[B, 6] float64: focal-frame confidence p10 / p50 / p90 (over every QUALITY_STRIDE-th
         pixel, torch.quantile's linear interpolation), kept fraction of the window's pixels, focal
         depth min and max."""
         depth, conf = out["depth"], out["depth_conf"]
         B, S = depth.shape[:2]
-        focal_conf = conf[:, S // 2].reshape(B, -1)[:, ::QUALITY_STRIDE]
+        focal = out["position"][S // 2]
+        focal_conf = conf[:, focal].reshape(B, -1)[:, ::QUALITY_STRIDE]
         if selection.padded is None:  # the host path
             conf_q = _quantiles_np(focal_conf, QUALITY_QUANTILES)
         else:  # torch.quantile checks q on the host (a sync): the same interpolation from a sort
@@ -489,10 +505,10 @@ class GeometryStage:
             conf_q = low_q + (high_q - low_q) * weight
             conf_q = torch.where(focal_conf.isnan().any(1, keepdim=True), float("nan"), conf_q)
         if selection.padded is None:  # numpy: several times faster than aminmax on the CPU (NaN propagates alike)
-            focal = depth[:, S // 2].reshape(B, -1).numpy()
-            low, high = torch.from_numpy(focal.min(axis=1)), torch.from_numpy(focal.max(axis=1))
+            focal_depth = depth[:, focal].reshape(B, -1).numpy()
+            low, high = torch.from_numpy(focal_depth.min(axis=1)), torch.from_numpy(focal_depth.max(axis=1))
         else:
-            low, high = torch.aminmax(depth[:, S // 2].reshape(B, -1), dim=1)
+            low, high = torch.aminmax(depth[:, focal].reshape(B, -1), dim=1)
         kept = selection.kept_fraction.to(conf_q.device)
         return torch.cat([conf_q.double(), kept[:, None], low.double()[:, None], high.double()[:, None]], dim=1)
 
@@ -557,24 +573,24 @@ class PointKeys:
         return np.concatenate((walk[wrap:] - (n - seed), walk[:wrap] + seed))
 
 
-def _assemble_on_host(out: dict[str, torch.Tensor], flat: torch.Tensor) -> torch.Tensor:
+def _assemble_on_host(out: dict, flat: torch.Tensor) -> torch.Tensor:
     """assemble_points on the CPU, in numpy: `flat` [total] increasing b*N + pixel indices, so
     each camera's points are one contiguous run, unprojected with that camera's numbers as
     planar [3, run] arrays (numpy is several times slower on [run, 3] rows) and turned into rows
     by the matrix product, written straight into the points (BLAS writes strided rows at full
     speed; numpy's own strided writes do not). Same arithmetic as unproject_points."""
-    depth = out["depth"]
-    B, S, H, W = depth.shape
+    B, S, H, W = out["depth"].shape
     index = flat.numpy()
     bounds = np.searchsorted(index, np.arange(B * S + 1) * (H * W))  # camera c = b*S + s: bounds[c]:bounds[c+1]
-    z = depth.reshape(-1).numpy()
+    z = [_time_frames(out, "depth", b) for b in range(B)]  # z[b][s]: flat [H*W]
     K = out["intrinsic"].reshape(B * S, 3, 3).numpy()
     E = out["extrinsic"].reshape(B * S, 3, 4).numpy()
     points = np.empty((index.size, 6), np.float32)  # x y z r g b
     for c in np.flatnonzero(np.diff(bounds)):
         run = slice(bounds[c], bounds[c + 1])
-        v, u = np.divmod(index[run] - c * (H * W), W)
-        zc = z[index[run]]
+        pixel = index[run] - c * (H * W)
+        v, u = np.divmod(pixel, W)
+        zc = z[c // S][c % S][pixel]
         cam = np.stack(((u.astype(np.float32) - K[c, 0, 2]) / K[c, 0, 0] * zc,
                         (v.astype(np.float32) - K[c, 1, 2]) / K[c, 1, 1] * zc, zc))  # [3, run]
         cam -= E[c, :, 3:]
@@ -583,6 +599,19 @@ def _assemble_on_host(out: dict[str, torch.Tensor], flat: torch.Tensor) -> torch
     points = torch.from_numpy(points)
     torch.div(rgb, 255, out=points[:, 3:])  # torch: strided rows 2x faster than numpy
     return points
+
+
+def _time_frames(out: dict, key: str, b: int) -> list[np.ndarray]:
+    """Window b of out[key] (CPU, [B,S,H,W]) as S flat [H*W] numpy views, in time order."""
+    return [out[key][b, p].reshape(-1).numpy() for p in out["position"]]
+
+
+def _time_ordered(out: dict, key: str) -> torch.Tensor:
+    """out[key] [B,S,H,W] in time order: itself on CUDA (predict reorders there), else a copy."""
+    position = out["position"]
+    if position == list(range(len(position))):
+        return out[key]
+    return out[key].index_select(1, torch.tensor(position, device=out[key].device))
 
 
 def _camera_ok(extrinsic: torch.Tensor, intrinsic: torch.Tensor) -> torch.Tensor:
