@@ -297,13 +297,13 @@ def write_payload(path: str, payload: bytes | dict | torch.Tensor, start_writeba
             drop_from_page_cache(f.fileno())
 
 
-def drop_from_page_cache(fd: int, offset: int = 0, length: int = 0) -> None:
-    """posix_fadvise(DONTNEED) on a file's bytes (length 0: to the end): Linux drops the clean
-    cached pages and starts writing the dirty ones back, so a second call once they are on disk
-    drops those too. A no-op where the call does not exist; errors are ignored (advice only)."""
+def drop_from_page_cache(fd: int) -> None:
+    """posix_fadvise(DONTNEED) on a whole file: Linux drops its clean cached pages and starts
+    writing the dirty ones back, so a second call once they are on disk drops those too. A no-op
+    where the call does not exist; errors are ignored (advice only)."""
     if hasattr(os, "posix_fadvise"):
         try:
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError:
             pass
 

@@ -341,10 +341,11 @@ class GeometryStage:
         out = self.model(x)
         position = [order.index(i) for i in range(S)]  # time frame s -> model input position[s]
         back = _upload(position, x.device)
-        maps = ("depth", "depth_conf") if self.device.type != "cpu" else ()  # reordered by index on the CPU
-        out = {k: (out[k].index_select(1, back) if k in maps or k in ("extrinsic", "intrinsic") else out[k]).float()
+        # on the CPU the depth maps stay in model order (the host steps read them by position)
+        reorder = ("extrinsic", "intrinsic") + (("depth", "depth_conf") if self.device.type != "cpu" else ())
+        out = {k: (out[k].index_select(1, back) if k in reorder else out[k]).float()
                for k in ("depth", "depth_conf", "extrinsic", "intrinsic")}
-        out["position"] = position if not maps else list(range(S))
+        out["position"] = list(range(S)) if "depth" in reorder else position
         anchor = 0 if self.config.world_frame == "first" else S // 2
         out["extrinsic"] = rebase_extrinsics(out["extrinsic"], anchor)
         out["frames"] = on_device  # uint8 [B,S,H,W,3], time order: the colours of the points
