@@ -565,7 +565,8 @@ class PointKeys:
         look = min(n, int(count * n / valid_count * 1.1) + 4096)
         while True:
             steps = self.order[:look]
-            hits = np.compress(np.take(rotated, steps), steps)  # rotated positions of the valid pixels met, in walk order
+            # rotated positions of the valid pixels met, in walk order (take/compress: 1.5x fancy indexing)
+            hits = np.compress(np.take(rotated, steps), steps)
             if hits.size >= count or look == n:
                 break
             look = min(n, 2 * look)
