@@ -97,6 +97,12 @@ def write_ms(sharded_writer: ModuleType, base: str, samples: list, shard_format:
     return spent / len(samples) * 1e3
 
 
+def _encoded(image) -> bytes:
+    """An image payload as bytes, from this version (a Picture, encoded when written) or an older
+    one (bytes already)."""
+    return image.to_bytes() if hasattr(image, "to_bytes") else image
+
+
 def parts_ms(sample_format: ModuleType, sample, folder: str) -> list[tuple[str, float]]:
     """Wall ms of each step of a default (dir, jpg) write, called alone (files: under `folder`)."""
     code, depth_min, depth_max = sample_format.encode_depth(sample.depth)
@@ -112,8 +118,8 @@ def parts_ms(sample_format: ModuleType, sample, folder: str) -> list[tuple[str, 
 
     steps = [
         ("encode_depth (518x294 -> uint8)", lambda: sample_format.encode_depth(sample.depth)),
-        ("RGB JPEG q95", lambda: sample_format._jpeg(sample.rgb.numpy(), 95)),
-        ("depth JPEG q95", lambda: sample_format._jpeg(code, 95)),
+        ("RGB JPEG q95", lambda: _encoded(sample_format._jpeg(sample.rgb.numpy(), 95))),
+        ("depth JPEG q95", lambda: _encoded(sample_format._jpeg(code, 95))),
         ("camera_record", lambda: sample_format.camera_record(sample, code, depth_min, depth_max, "jpg")),
         ("torch.save camera -> bytes", lambda: sample_format._torch_bytes(camera)),
         ("torch.save points -> bytes", lambda: sample_format._torch_bytes(sample.points)),

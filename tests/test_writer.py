@@ -402,7 +402,7 @@ def test_depth_codec_every_pixel_valid_matches_the_masked_path(levels):
 
 
 def test_dir_files_hold_the_bytes_of_encode_sample(tmp_path):
-    """Dir shards save the .pt files straight into the files; tar shards hold encode_sample's
+    """Dir shards encode the images and save the .pt files straight into the files; tar shards hold encode_sample's
     bytes: both are the same bytes (the archive inside a .pt is named "archive" either way)."""
     from sharded_writer import encode_sample
 
