@@ -7,7 +7,9 @@
 The decode thread runs ahead by at most `prefetch_windows` windows, across the end of one video
 into the next, so the model never waits for a video to open. Markers (VideoStart / VideoEnd) travel
 through the same queues as the data, so a video's end reaches the writer after its last sample.
-Memory is flat: every queue is bounded and frames travel as uint8.
+Memory is flat: every queue is bounded and frames travel as uint8. When the model runs on the
+CPU, the model thread writes its samples itself (no writer thread: see Pipeline's
+`write_in_model_thread`).
 """
 
 from __future__ import annotations
@@ -204,7 +206,7 @@ class _Batches:
     def _pass_on(self, item: VideoResult) -> None:
         if item.video in self.failed:
             item.status, item.reason = "failed", self.failed.pop(item.video)
-        self.p._samples.put(item)
+        self.p._to_writer(item)
 
 
 class Pipeline:
@@ -213,12 +215,16 @@ class Pipeline:
     def __init__(self, stage: GeometryStage, writer: ShardedWriter, settings: WindowSettings,
                  batch_size: int | Callable[[tuple], int] = 4, prefetch_windows: int = 16,
                  stats: Stats | None = None, on_device_fault: Callable[[str], None] | None = None,
-                 grow_after: int = 8, shot_model=None):
+                 grow_after: int = 8, shot_model=None, write_in_model_thread: bool | None = None):
         """`batch_size`: windows per forward, or a function of the window shape (S, H, W, 3)
-        giving it (--batch-size auto). `on_device_fault(reason)`: called in the writer thread
+        giving it (--batch-size auto). `on_device_fault(reason)`: called in the thread that writes,
         once every sample before a DeviceFault is committed (the worker ends its process there);
         without it the fault surfaces through poll(). `grow_after`: good forwards after an
-        out-of-memory halving before the batch doubles again."""
+        out-of-memory halving before the batch doubles again. `write_in_model_thread`: write samples
+        in the model thread instead of a thread of their own; default: when the stage runs on the
+        CPU. There the model thread has the time to spare, and on a machine with few cores a third
+        busy thread only queues the decoder behind it (2 cores: decoder run-queue wait 2.7 -> 0.1 ms
+        a window); on a GPU, writing in a thread of its own overlaps the next forward."""
         self.stage, self.writer, self.settings = stage, writer, settings
         if settings.shots not in ("detect", "off"):
             raise ValueError(f"shots must be 'detect' or 'off', got {settings.shots!r}")
@@ -241,13 +247,18 @@ class Pipeline:
         self._tasks: queue.Queue = queue.Queue()
         self._windows: queue.Queue = queue.Queue(maxsize=prefetch_windows)
         self._samples: queue.Queue = queue.Queue(maxsize=max(2, 2 * min(self._max_batch, 64)))
+        if write_in_model_thread is None:
+            write_in_model_thread = getattr(getattr(stage, "device", None), "type", None) == "cpu"
+        self._write_inline = write_in_model_thread
+        self._write_failed: dict[str, str] = {}  # video -> why writing its samples failed
+        self._written: dict[str, int] = {}  # video -> samples written, until its result goes out
         self._events: queue.Queue = queue.Queue()  # VideoStart / VideoResult for the caller
         self._fatal: BaseException | None = None
         self._threads = [
             threading.Thread(target=self._guard, args=(self._decode_loop,), name="decode", daemon=True),
             threading.Thread(target=self._guard, args=(self._model_loop,), name="model", daemon=True),
-            threading.Thread(target=self._guard, args=(self._write_loop,), name="write", daemon=True),
-        ]
+        ] + ([] if self._write_inline else [
+            threading.Thread(target=self._guard, args=(self._write_loop,), name="write", daemon=True)])
         for t in self._threads:
             t.start()
 
@@ -412,14 +423,14 @@ class Pipeline:
                 elif item is _IDLE or item is _STOP:
                     batches.run_all()
                     if item is _STOP:
-                        self._samples.put(_STOP)
+                        self._to_writer(_STOP)
                         return
                 elif isinstance(item, VideoResult):
                     batches.result(item)
                 else:  # VideoStart: before any of its samples, which can only come later
-                    self._samples.put(item)
+                    self._to_writer(item)
             except DeviceFault as e:  # the device is gone: commit what is done, then the worker ends
-                self._samples.put(_Fault(str(e)))
+                self._to_writer(_Fault(str(e)))
                 return
 
     def _forward_parts(self, batch: list[WindowFrames], failed: dict[str, str]):
@@ -504,45 +515,62 @@ class Pipeline:
         """Pass a part's samples on in order; a video's held result follows its last sample."""
         for i, w in enumerate(part):
             if samples is not None:
-                self._put(self._samples, samples[i], "model_blocked_seconds")
+                self._to_writer(samples[i], "model_blocked_seconds")
             batches.window_done(w.video)
 
     # ------------------------------------------------------------------ stage 3: write
 
-    def _write_loop(self) -> None:
-        failed: dict[str, str] = {}
-        written: dict[str, int] = {}
-        while (item := self._get(self._samples, "write_starved_seconds")) is not _STOP:
-            if isinstance(item, _Fault):
-                self._device_fault(item.reason)
-                return
-            if isinstance(item, Sample):
-                if item.video in failed:
-                    continue
-                started = time.perf_counter()
-                try:
-                    self.writer.write(item)
-                except OSError as e:
-                    failed[item.video] = f"write failed: {e}"
-                    continue
-                self.stats.stat_update("write_seconds", time.perf_counter() - started)
-                self.stats.stat_update("samples_written")
-                self.stats.stat_update("points_written", int(item.points.shape[0]))
-                written[item.video] = written.get(item.video, 0) + 1
-                self._events.put(("sample", item.video))
-            elif isinstance(item, VideoStart):
-                self._events.put(item)
-            elif isinstance(item, VideoResult):
-                try:
-                    self.writer.flush()  # tar shards: commit the open shard before the video is reported
-                except OSError as e:
-                    failed.setdefault(item.video, f"write failed: {e}")
-                if item.video in failed:
-                    item.status, item.reason = "failed", failed.pop(item.video)
-                item.samples = written.pop(item.video, 0)
-                self.stats.stat_update(f"videos_{item.status}")
-                self._events.put(item)
+    def _to_writer(self, item, blocked: str | None = None) -> None:
+        """Hand `item` (Sample, VideoStart, VideoResult, _Fault or _STOP) to stage 3: written here
+        (write_in_model_thread) or queued for the writer thread (`blocked`: the counter of the time
+        spent waiting for room)."""
+        if self._write_inline:
+            if item is not _STOP:
+                self._write(item)
+        elif blocked is not None:
+            self._put(self._samples, item, blocked)
+        else:
+            self._samples.put(item)
 
+    def _write_loop(self) -> None:
+        while (item := self._get(self._samples, "write_starved_seconds")) is not _STOP:
+            self._write(item)
+            if isinstance(item, _Fault):  # the worker ends: nothing after it is written
+                return
+
+    def _write(self, item) -> None:
+        """Stage 3 for one item, in order: a Sample is written (a failed write fails its video, not
+        the worker), a VideoStart / VideoResult goes to the caller once everything before it is
+        committed, a _Fault commits what is written and hands over to the worker."""
+        failed, written = self._write_failed, self._written
+        if isinstance(item, _Fault):
+            self._device_fault(item.reason)
+        elif isinstance(item, Sample):
+            if item.video in failed:
+                return
+            started = time.perf_counter()
+            try:
+                self.writer.write(item)
+            except OSError as e:
+                failed[item.video] = f"write failed: {e}"
+                return
+            self.stats.stat_update("write_seconds", time.perf_counter() - started)
+            self.stats.stat_update("samples_written")
+            self.stats.stat_update("points_written", int(item.points.shape[0]))
+            written[item.video] = written.get(item.video, 0) + 1
+            self._events.put(("sample", item.video))
+        elif isinstance(item, VideoStart):
+            self._events.put(item)
+        elif isinstance(item, VideoResult):
+            try:
+                self.writer.flush()  # tar shards: commit the open shard before the video is reported
+            except OSError as e:
+                failed.setdefault(item.video, f"write failed: {e}")
+            if item.video in failed:
+                item.status, item.reason = "failed", failed.pop(item.video)
+            item.samples = written.pop(item.video, 0)
+            self.stats.stat_update(f"videos_{item.status}")
+            self._events.put(item)
 
     def _device_fault(self, reason: str) -> None:
         """Everything before the fault is written: commit it, then hand over to the worker."""

@@ -144,12 +144,17 @@ def test_model_runs_ahead_of_a_busy_writer_but_only_so_far(clip, one_torch_threa
     pipeline.close()
 
 
-def test_markers_keep_order_and_results_come_after_their_samples(clip, tmp_path, one_torch_thread):
+@pytest.mark.parametrize("write_in_model_thread", [False, True])
+def test_markers_keep_order_and_results_come_after_their_samples(clip, tmp_path, one_torch_thread,
+                                                                 write_in_model_thread):
     other = str(write_mp4(tmp_path / "other.mp4", num_frames=20, width=64, height=48))
     short = str(write_mp4(tmp_path / "short.mp4", num_frames=3, width=64, height=48))
     writer = FakeWriter()
-    events = run_all(Pipeline(FakeStage(), writer, WindowSettings(kernel=5, stride=3, dilation=2), batch_size=3),
-                     [clip, short, other])
+    pipeline = Pipeline(FakeStage(), writer, WindowSettings(kernel=5, stride=3, dilation=2), batch_size=3,
+                        write_in_model_thread=write_in_model_thread)
+    threads = [t.name for t in pipeline._threads]
+    assert threads == (["decode", "model"] if write_in_model_thread else ["decode", "model", "write"])
+    events = run_all(pipeline, [clip, short, other])
     results = {e.video: e for e in events if isinstance(e, VideoResult)}
     assert results[clip].status == "done" and results[clip].samples == num_windows(40, 5, 3, 2)
     assert results[other].status == "done" and results[other].samples == num_windows(20, 5, 3, 2)
@@ -217,6 +222,7 @@ def test_stage_seconds_land_in_the_pipeline_counters(clip, one_torch_thread):
     stats = Stats()
     stage = GeometryStage(ConstantModel(), "cpu", GeometryConfig(max_points=100))
     pipeline = Pipeline(stage, FakeWriter(), WindowSettings(kernel=3, stride=2), batch_size=4, stats=stats)
+    assert [t.name for t in pipeline._threads] == ["decode", "model"]  # a CPU stage writes in its own thread
     run_all(pipeline, [clip])
     counts = stats.snapshot()
     windows = num_windows(40, 3, 2, 1)
@@ -309,7 +315,9 @@ class PoisonedStage(FakeStage):
         return super().__call__(batch)
 
 
-def test_a_broken_device_ends_the_worker_after_committing_what_came_before(clip, one_torch_thread):
+@pytest.mark.parametrize("write_in_model_thread", [False, True])
+def test_a_broken_device_ends_the_worker_after_committing_what_came_before(clip, one_torch_thread,
+                                                                           write_in_model_thread):
     """A poisoned context (or a model that fails on everything) must not fail the videos it is
     handed: what was done is committed, the fault handler runs (the worker exits there), and no
     video is reported failed."""
@@ -317,7 +325,7 @@ def test_a_broken_device_ends_the_worker_after_committing_what_came_before(clip,
     faults: list[str] = []
     stage, writer, stats = PoisonedStage(good=2, error=error), FakeWriter(), Stats()
     pipeline = Pipeline(stage, writer, WindowSettings(kernel=3, stride=1), batch_size=2, stats=stats,
-                        on_device_fault=faults.append)
+                        on_device_fault=faults.append, write_in_model_thread=write_in_model_thread)
     pipeline.submit(VideoTask(clip))
     events = []
     with pytest.raises(RuntimeError, match="pipeline stopped"):
@@ -343,13 +351,16 @@ def test_one_bad_window_in_a_shared_batch_fails_only_its_video(clip, tmp_path, o
     assert results[clip].samples == num_windows(40, 3, 2, 1)
 
 
-def test_a_model_failing_every_call_ends_the_worker_before_failing_the_queue(clip, tmp_path, one_torch_thread):
+@pytest.mark.parametrize("write_in_model_thread", [False, True])
+def test_a_model_failing_every_call_ends_the_worker_before_failing_the_queue(clip, tmp_path, one_torch_thread,
+                                                                             write_in_model_thread):
     """Plain errors on every call: the first video is failed (a bad video looks the same), the
     next failure, on another video, shows the worker is broken: it ends instead of failing more."""
     others = [str(write_mp4(tmp_path / f"v{i}.mp4", num_frames=12, width=64, height=48)) for i in range(3)]
     faults: list[str] = []
     pipeline = Pipeline(PoisonedStage(good=0, error="no kernel image for this device"), FakeWriter(),
-                        WindowSettings(kernel=3, stride=1), batch_size=2, on_device_fault=faults.append)
+                        WindowSettings(kernel=3, stride=1), batch_size=2, on_device_fault=faults.append,
+                        write_in_model_thread=write_in_model_thread)
     for video in [clip, *others]:
         pipeline.submit(VideoTask(video))
     events = []
