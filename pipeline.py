@@ -246,10 +246,11 @@ class Pipeline:
             stage.stats = self.stats
         self._tasks: queue.Queue = queue.Queue()
         self._windows: queue.Queue = queue.Queue(maxsize=prefetch_windows)
-        self._samples: queue.Queue = queue.Queue(maxsize=max(2, 2 * min(self._max_batch, 64)))
         if write_in_model_thread is None:
             write_in_model_thread = getattr(getattr(stage, "device", None), "type", None) == "cpu"
-        self._write_inline = write_in_model_thread
+        # model thread -> writer thread; None: the model thread writes (write_in_model_thread)
+        self._samples: queue.Queue | None = (None if write_in_model_thread
+                                             else queue.Queue(maxsize=max(2, 2 * min(self._max_batch, 64))))
         self._write_failed: dict[str, str] = {}  # video -> why writing its samples failed
         self._written: dict[str, int] = {}  # video -> samples written, until its result goes out
         self._events: queue.Queue = queue.Queue()  # VideoStart / VideoResult for the caller
@@ -257,7 +258,7 @@ class Pipeline:
         self._threads = [
             threading.Thread(target=self._guard, args=(self._decode_loop,), name="decode", daemon=True),
             threading.Thread(target=self._guard, args=(self._model_loop,), name="model", daemon=True),
-        ] + ([] if self._write_inline else [
+        ] + ([] if self._samples is None else [
             threading.Thread(target=self._guard, args=(self._write_loop,), name="write", daemon=True)])
         for t in self._threads:
             t.start()
@@ -524,7 +525,7 @@ class Pipeline:
         """Hand `item` (Sample, VideoStart, VideoResult, _Fault or _STOP) to stage 3: written here
         (write_in_model_thread) or queued for the writer thread (`blocked`: the counter of the time
         spent waiting for room)."""
-        if self._write_inline:
+        if self._samples is None:
             if item is not _STOP:
                 self._write(item)
         elif blocked is not None:
