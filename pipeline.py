@@ -8,12 +8,13 @@ The decode thread runs ahead by at most `prefetch_windows` windows, across the e
 into the next, so the model never waits for a video to open. Markers (VideoStart / VideoEnd) travel
 through the same queues as the data, so a video's end reaches the writer after its last sample.
 Memory is flat: every queue is bounded and frames travel as uint8. When the model runs on the
-CPU, the model thread writes its samples itself (no writer thread: see Pipeline's
-`write_in_model_thread`).
+CPU there is no writer thread: samples wait in a short backlog that the decode and model threads
+write in turn, whichever has the time (see Pipeline's `writer_thread`).
 """
 
 from __future__ import annotations
 
+import collections
 import gc
 import queue
 import threading
@@ -215,16 +216,20 @@ class Pipeline:
     def __init__(self, stage: GeometryStage, writer: ShardedWriter, settings: WindowSettings,
                  batch_size: int | Callable[[tuple], int] = 4, prefetch_windows: int = 16,
                  stats: Stats | None = None, on_device_fault: Callable[[str], None] | None = None,
-                 grow_after: int = 8, shot_model=None, write_in_model_thread: bool | None = None):
+                 grow_after: int = 8, shot_model=None, writer_thread: bool | None = None,
+                 backlog: int = 2):
         """`batch_size`: windows per forward, or a function of the window shape (S, H, W, 3)
         giving it (--batch-size auto). `on_device_fault(reason)`: called in the thread that writes,
         once every sample before a DeviceFault is committed (the worker ends its process there);
         without it the fault surfaces through poll(). `grow_after`: good forwards after an
-        out-of-memory halving before the batch doubles again. `write_in_model_thread`: write samples
-        in the model thread instead of a thread of their own; default: when the stage runs on the
-        CPU. There the model thread has the time to spare, and on a machine with few cores a third
-        busy thread only queues the decoder behind it (2 cores: decoder run-queue wait 2.7 -> 0.1 ms
-        a window); on a GPU, writing in a thread of its own overlaps the next forward."""
+        out-of-memory halving before the batch doubles again. `writer_thread`: write samples in a
+        thread of their own; default: unless the stage runs on the CPU. On a GPU the writer thread
+        overlaps the next forward. On the CPU the model thread itself is CPU work, and a third busy
+        thread only queues the decoder behind it on a machine with few cores (2 cores: decoder
+        run-queue wait 2.7 -> 0.1 ms a window); there stage 3's items wait in a backlog of at most
+        `backlog` samples, written by the decode thread after each window it hands over and when
+        it waits for room, and by the model thread when the backlog is full or it waits for
+        windows: the two threads share the writing as their loads allow."""
         self.stage, self.writer, self.settings = stage, writer, settings
         if settings.shots not in ("detect", "off"):
             raise ValueError(f"shots must be 'detect' or 'off', got {settings.shots!r}")
@@ -246,11 +251,14 @@ class Pipeline:
             stage.stats = self.stats
         self._tasks: queue.Queue = queue.Queue()
         self._windows: queue.Queue = queue.Queue(maxsize=prefetch_windows)
-        if write_in_model_thread is None:
-            write_in_model_thread = getattr(getattr(stage, "device", None), "type", None) == "cpu"
-        # model thread -> writer thread; None: the model thread writes (write_in_model_thread)
-        self._samples: queue.Queue | None = (None if write_in_model_thread
-                                             else queue.Queue(maxsize=max(2, 2 * min(self._max_batch, 64))))
+        if writer_thread is None:
+            writer_thread = getattr(getattr(stage, "device", None), "type", None) != "cpu"
+        # model thread -> writer thread; None: no writer thread, stage 3's items wait in `_backlog`
+        self._samples: queue.Queue | None = (queue.Queue(maxsize=max(2, 2 * min(self._max_batch, 64)))
+                                             if writer_thread else None)
+        self._backlog: collections.deque | None = None if writer_thread else collections.deque()
+        self._backlog_size = backlog
+        self._stage3 = threading.Lock()  # held while an item goes through stage 3: one at a time, in order
         self._write_failed: dict[str, str] = {}  # video -> why writing its samples failed
         self._written: dict[str, int] = {}  # video -> samples written, until its result goes out
         self._events: queue.Queue = queue.Queue()  # VideoStart / VideoResult for the caller
@@ -297,23 +305,31 @@ class Pipeline:
             raise RuntimeError(f"pipeline stopped: {self._fatal!r}") from self._fatal
 
     def _put(self, q: queue.Queue, item, blocked: str) -> None:
-        """q.put(item), counting the seconds spent waiting for room (the next stage is slower)."""
-        try:
-            q.put_nowait(item)
-        except queue.Full:
-            started = time.perf_counter()
-            q.put(item)
-            self.stats.stat_update(blocked, time.perf_counter() - started)
+        """q.put(item), counting the seconds spent waiting for room (the next stage is slower).
+        Without a writer thread, the backlog is written while there is no room."""
+        while True:
+            try:
+                return q.put_nowait(item)
+            except queue.Full:
+                if not self._write_backlog(blocking=True, counter="backlog_writes_waiting"):
+                    break
+        started = time.perf_counter()
+        q.put(item)
+        self.stats.stat_update(blocked, time.perf_counter() - started)
 
     def _get(self, q: queue.Queue, starved: str):
-        """q.get(), counting the seconds spent waiting for an item (the previous stage is slower)."""
-        try:
-            return q.get_nowait()
-        except queue.Empty:
-            started = time.perf_counter()
-            item = q.get()
-            self.stats.stat_update(starved, time.perf_counter() - started)
-            return item
+        """q.get(), counting the seconds spent waiting for an item (the previous stage is slower).
+        Without a writer thread, the backlog is written while nothing comes."""
+        while True:
+            try:
+                return q.get_nowait()
+            except queue.Empty:
+                if not self._write_backlog(blocking=True, counter="backlog_writes_waiting"):
+                    break
+        started = time.perf_counter()
+        item = q.get()
+        self.stats.stat_update(starved, time.perf_counter() - started)
+        return item
 
     def _guard(self, loop) -> None:
         try:
@@ -356,7 +372,7 @@ class Pipeline:
                     self.stats.stat_update("decode_seconds", time.perf_counter() - started)
                     self.stats.stat_update("decode_cpu_seconds", time.thread_time() - cpu_started)
                     self.stats.stat_update("windows_decoded")
-                    self._put(self._windows, window, "decode_blocked_seconds")
+                    self._hand_over(window)
                     started, cpu_started = time.perf_counter(), time.thread_time()
             self.stats.stat_update("frames_decoded", source.frames_decoded)
             result.num_frames = source.num_frames  # decoded: frame i is the decoder's i-th frame
@@ -370,6 +386,12 @@ class Pipeline:
         except Exception as e:  # anything else this one file provokes fails it, not the worker
             result.status, result.reason = "failed", f"{type(e).__name__}: {str(e).strip()[:300]}"
         self._windows.put(result)
+
+    def _hand_over(self, window: WindowFrames) -> None:
+        """Queue a window for the model; then, without a writer thread, write one backlog item:
+        the decoder's share of the writing (none while the model thread is writing)."""
+        self._put(self._windows, window, "decode_blocked_seconds")
+        self._write_backlog(blocking=False, counter="backlog_writes_by_decoder")
 
     def _decode_shots(self, source: FrameSource, dilation: int, after: int) -> None:
         """Windows restarted in every shot the detector finds while the video decodes (the whole
@@ -386,7 +408,7 @@ class Pipeline:
             self.stats.stat_update("detect_seconds", detect_now - detect_before)
             detect_before = detect_now
             self.stats.stat_update("windows_decoded")
-            self._put(self._windows, window, "decode_blocked_seconds")
+            self._hand_over(window)
             started = time.perf_counter()
         detect_now = detector.scorer.seconds
         self.stats.stat_update("decode_seconds", time.perf_counter() - started - (detect_now - detect_before))
@@ -522,16 +544,36 @@ class Pipeline:
     # ------------------------------------------------------------------ stage 3: write
 
     def _to_writer(self, item, blocked: str | None = None) -> None:
-        """Hand `item` (Sample, VideoStart, VideoResult, _Fault or _STOP) to stage 3: written here
-        (write_in_model_thread) or queued for the writer thread (`blocked`: the counter of the time
-        spent waiting for room)."""
+        """Hand `item` (Sample, VideoStart, VideoResult, _Fault or _STOP) to stage 3: queued for
+        the writer thread (`blocked`: the counter of the time spent waiting for room), or, without
+        one, put in the backlog, written here while it holds more than `backlog` items."""
         if self._samples is None:
             if item is not _STOP:
-                self._write(item)
+                self._backlog.append(item)
+            # everything before the end or a fault is written before the model thread stops
+            size = 0 if item is _STOP or isinstance(item, _Fault) else self._backlog_size
+            while len(self._backlog) > size:
+                self._write_backlog(blocking=True)
         elif blocked is not None:
             self._put(self._samples, item, blocked)
         else:
             self._samples.put(item)
+
+    def _write_backlog(self, blocking: bool, counter: str | None = None) -> bool:
+        """Without a writer thread: take the backlog's oldest item through stage 3. False when
+        there is none (or, not blocking, the other thread is writing). Taking the item and writing
+        it under one lock keeps stage 3 in order."""
+        if not self._backlog or not self._stage3.acquire(blocking):
+            return False
+        try:
+            if not self._backlog:
+                return False
+            self._write(self._backlog.popleft())
+        finally:
+            self._stage3.release()
+        if counter is not None:
+            self.stats.stat_update(counter)
+        return True
 
     def _write_loop(self) -> None:
         while (item := self._get(self._samples, "write_starved_seconds")) is not _STOP:

@@ -144,16 +144,16 @@ def test_model_runs_ahead_of_a_busy_writer_but_only_so_far(clip, one_torch_threa
     pipeline.close()
 
 
-@pytest.mark.parametrize("write_in_model_thread", [False, True])
+@pytest.mark.parametrize("writer_thread", [True, False])
 def test_markers_keep_order_and_results_come_after_their_samples(clip, tmp_path, one_torch_thread,
-                                                                 write_in_model_thread):
+                                                                 writer_thread):
     other = str(write_mp4(tmp_path / "other.mp4", num_frames=20, width=64, height=48))
     short = str(write_mp4(tmp_path / "short.mp4", num_frames=3, width=64, height=48))
     writer = FakeWriter()
     pipeline = Pipeline(FakeStage(), writer, WindowSettings(kernel=5, stride=3, dilation=2), batch_size=3,
-                        write_in_model_thread=write_in_model_thread)
+                        writer_thread=writer_thread)
     threads = [t.name for t in pipeline._threads]
-    assert threads == (["decode", "model"] if write_in_model_thread else ["decode", "model", "write"])
+    assert threads == (["decode", "model", "write"] if writer_thread else ["decode", "model"])
     events = run_all(pipeline, [clip, short, other])
     results = {e.video: e for e in events if isinstance(e, VideoResult)}
     assert results[clip].status == "done" and results[clip].samples == num_windows(40, 5, 3, 2)
@@ -166,6 +166,39 @@ def test_markers_keep_order_and_results_come_after_their_samples(clip, tmp_path,
     assert len(flushes) == 3
     videos_between = [writer.events[i][1] for i in range(flushes[0])]
     assert set(videos_between) == {clip}
+
+
+class SlowStage(FakeStage):
+    def __call__(self, batch):
+        time.sleep(0.005)
+        return super().__call__(batch)
+
+
+class ThreadRecordingWriter(FakeWriter):
+    def __init__(self):
+        super().__init__()
+        self.threads: list[str] = []
+
+    def write(self, sample):
+        self.threads.append(threading.current_thread().name)
+        super().write(sample)
+
+
+def test_without_a_writer_thread_the_decoder_and_the_model_share_the_writing(clip, one_torch_thread):
+    """No writer thread (the CPU default): samples wait in a backlog of at most 2 that the decode
+    thread writes after handing over a window (the model is slow here, so it has the time) and the
+    model thread writes when the backlog is full or it has no window; all of them, in order."""
+    writer, stats = ThreadRecordingWriter(), Stats()
+    pipeline = Pipeline(SlowStage(), writer, WindowSettings(kernel=3, stride=1), batch_size=1, prefetch_windows=2,
+                        stats=stats, writer_thread=False)
+    assert pipeline._samples is None and [t.name for t in pipeline._threads] == ["decode", "model"]
+    events = run_all(pipeline, [clip])
+    result = next(e for e in events if isinstance(e, VideoResult))
+    assert result.status == "done" and result.samples == num_windows(40, 3, 1, 1)
+    assert writer.written == [(clip, f) for f in range(1, 39)]
+    assert set(writer.threads) <= {"decode", "model"} and "decode" in writer.threads
+    assert stats.snapshot()["backlog_writes_by_decoder"] >= 1
+    assert not pipeline._backlog
 
 
 def test_model_failure_fails_only_its_video(clip, tmp_path, one_torch_thread):
@@ -222,7 +255,7 @@ def test_stage_seconds_land_in_the_pipeline_counters(clip, one_torch_thread):
     stats = Stats()
     stage = GeometryStage(ConstantModel(), "cpu", GeometryConfig(max_points=100))
     pipeline = Pipeline(stage, FakeWriter(), WindowSettings(kernel=3, stride=2), batch_size=4, stats=stats)
-    assert [t.name for t in pipeline._threads] == ["decode", "model"]  # a CPU stage writes in its own thread
+    assert [t.name for t in pipeline._threads] == ["decode", "model"]  # a CPU stage: no writer thread
     run_all(pipeline, [clip])
     counts = stats.snapshot()
     windows = num_windows(40, 3, 2, 1)
@@ -315,9 +348,9 @@ class PoisonedStage(FakeStage):
         return super().__call__(batch)
 
 
-@pytest.mark.parametrize("write_in_model_thread", [False, True])
+@pytest.mark.parametrize("writer_thread", [True, False])
 def test_a_broken_device_ends_the_worker_after_committing_what_came_before(clip, one_torch_thread,
-                                                                           write_in_model_thread):
+                                                                           writer_thread):
     """A poisoned context (or a model that fails on everything) must not fail the videos it is
     handed: what was done is committed, the fault handler runs (the worker exits there), and no
     video is reported failed."""
@@ -325,7 +358,7 @@ def test_a_broken_device_ends_the_worker_after_committing_what_came_before(clip,
     faults: list[str] = []
     stage, writer, stats = PoisonedStage(good=2, error=error), FakeWriter(), Stats()
     pipeline = Pipeline(stage, writer, WindowSettings(kernel=3, stride=1), batch_size=2, stats=stats,
-                        on_device_fault=faults.append, write_in_model_thread=write_in_model_thread)
+                        on_device_fault=faults.append, writer_thread=writer_thread)
     pipeline.submit(VideoTask(clip))
     events = []
     with pytest.raises(RuntimeError, match="pipeline stopped"):
@@ -351,16 +384,16 @@ def test_one_bad_window_in_a_shared_batch_fails_only_its_video(clip, tmp_path, o
     assert results[clip].samples == num_windows(40, 3, 2, 1)
 
 
-@pytest.mark.parametrize("write_in_model_thread", [False, True])
+@pytest.mark.parametrize("writer_thread", [True, False])
 def test_a_model_failing_every_call_ends_the_worker_before_failing_the_queue(clip, tmp_path, one_torch_thread,
-                                                                             write_in_model_thread):
+                                                                             writer_thread):
     """Plain errors on every call: the first video is failed (a bad video looks the same), the
     next failure, on another video, shows the worker is broken: it ends instead of failing more."""
     others = [str(write_mp4(tmp_path / f"v{i}.mp4", num_frames=12, width=64, height=48)) for i in range(3)]
     faults: list[str] = []
     pipeline = Pipeline(PoisonedStage(good=0, error="no kernel image for this device"), FakeWriter(),
                         WindowSettings(kernel=3, stride=1), batch_size=2, on_device_fault=faults.append,
-                        write_in_model_thread=write_in_model_thread)
+                        writer_thread=writer_thread)
     for video in [clip, *others]:
         pipeline.submit(VideoTask(video))
     events = []
