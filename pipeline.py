@@ -115,6 +115,13 @@ class _Fault:  # model thread -> writer thread: commit what came before, then en
     reason: str
 
 
+class _WriteBug(BaseException):
+    """An unexpected error in stage 3 written by the decode or model thread (no writer thread): a
+    BaseException, so that the decoder's handlers, which fail the video being decoded, let it pass
+    and the pipeline stops, as it does when the writer thread meets one. (Bad input never gets
+    here: a failed write fails its own video inside `_write`.)"""
+
+
 # Substrings of errors (RuntimeError and friends, as CUDA, cuBLAS and cuDNN raise them).
 _OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
                 "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", "HIPBLAS_STATUS_ALLOC_FAILED")
@@ -568,7 +575,10 @@ class Pipeline:
         try:
             if not self._backlog:
                 return False
-            self._write(self._backlog.popleft())
+            try:
+                self._write(self._backlog.popleft())
+            except Exception as e:
+                raise _WriteBug(f"{type(e).__name__}: {e}") from e
         finally:
             self._stage3.release()
         if counter is not None:

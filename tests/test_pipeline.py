@@ -201,6 +201,35 @@ def test_without_a_writer_thread_the_decoder_and_the_model_share_the_writing(cli
     assert not pipeline._backlog
 
 
+class BuggyWriter(FakeWriter):
+    """Raises a bug's error on the first sample that `thread` writes."""
+
+    def __init__(self, thread: str):
+        super().__init__()
+        self.thread = thread
+
+    def write(self, sample):
+        if threading.current_thread().name == self.thread:
+            raise ValueError(f"a bug in the writer, met in the {self.thread} thread")
+        super().write(sample)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the bug, as expected
+@pytest.mark.parametrize("thread", ["decode", "model"])
+def test_a_writer_bug_stops_the_pipeline_whichever_thread_meets_it(clip, one_torch_thread, thread):
+    """Without a writer thread the decoder may be the one writing: a bug there must stop the
+    pipeline, not be taken for a decoding error of the video it is decoding."""
+    pipeline = Pipeline(SlowStage(), BuggyWriter(thread), WindowSettings(kernel=3, stride=1), batch_size=1,
+                        prefetch_windows=2, writer_thread=False)
+    pipeline.submit(VideoTask(clip))
+    events = []
+    with pytest.raises(RuntimeError, match=f"pipeline stopped.*a bug in the writer, met in the {thread} thread"):
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            events += pipeline.poll(0.2)
+    assert not [e for e in events if isinstance(e, VideoResult)]
+
+
 def test_model_failure_fails_only_its_video(clip, tmp_path, one_torch_thread):
     bad = str(write_mp4(tmp_path / "bad.mp4", num_frames=20, width=64, height=48))
     writer = FakeWriter()
