@@ -233,10 +233,11 @@ class Pipeline:
         thread of their own; default: unless the stage runs on the CPU. On a GPU the writer thread
         overlaps the next forward. On the CPU the model thread itself is CPU work, and a third busy
         thread only queues the decoder behind it on a machine with few cores (2 cores: decoder
-        run-queue wait 2.7 -> 0.1 ms a window); there stage 3's items wait in a backlog of at most
-        `backlog` samples, written by the decode thread after each window it hands over and when
-        it waits for room, and by the model thread when the backlog is full or it waits for
-        windows: the two threads share the writing as their loads allow."""
+        run-queue wait 2.7 -> 0.1 ms a window); there stage 3's items (samples and the video
+        markers between them) wait in a backlog of at most `backlog`, written by the decode thread
+        after each window it hands over and when it waits for room, and by the model thread when
+        the backlog is full or it waits for windows: the two threads share the writing as their
+        loads allow."""
         self.stage, self.writer, self.settings = stage, writer, settings
         if settings.shots not in ("detect", "off"):
             raise ValueError(f"shots must be 'detect' or 'off', got {settings.shots!r}")
