@@ -311,33 +311,40 @@ class GeometryStage:
         return [focal] + [i for i in range(num_frames) if i != focal]
 
     @torch.inference_mode()
-    def predict(self, frames_u8: torch.Tensor) -> dict:
-        """uint8 [B,S,H,W,3] (time order, host) -> model outputs on the device, cameras
-        re-expressed in the configured world frame:
+    def predict(self, frames_u8: torch.Tensor | list[torch.Tensor]) -> dict:
+        """uint8 [B,S,H,W,3], or a list of B windows' uint8 [S,H,W,3] (time order, host) -> model
+        outputs on the device, cameras re-expressed in the configured world frame:
             depth, depth_conf  float32 [B,S,H,W]; time frame s is at index position[s] of dim 1
             extrinsic          float32 [B,S,3,4] world-to-camera, time order
             intrinsic          float32 [B,S,3,3], time order
-            frames             uint8 [B,S,H,W,3], time order (the points' colours)
+            frames             the points' colours, time order: uint8 [B,S,H,W,3] on CUDA; on the
+                               CPU the B windows' own uint8 [S,H,W,3] (a list: never stacked)
             position           list[int] [S]: time order on CUDA; on the CPU the model's own
                                order (no 12 MB copy a window: the host steps index frames by it)"""
-        B, S, H, W, _ = frames_u8.shape
-        if frames_u8.device.type == "cpu" and self.device.type == "cuda":
-            frames_u8 = frames_u8.pin_memory()
+        B, (S, H, W, _) = len(frames_u8), frames_u8[0].shape
         order = self.input_order(S)
-        on_device = frames_u8.to(self.device, non_blocking=True)
         # [B,S,3,H,W] float in [0,1], model order, channels-last strides (a permuted view).
         if self.device.type == "cpu":
-            # One pass per frame into a float buffer kept between calls: a fresh one above glibc's
-            # largest heap block (32 MB: B >= 4 at k5 518x294) is mapped anew and page-faulted
-            # every call, which cost more than the conversion (17 ms vs 2.6 ms at B=4).
+            # One pass per frame, straight from each window (no stacked copy first), into a float
+            # buffer kept between calls: a fresh one above glibc's largest heap block (32 MB: B >= 4
+            # at k5 518x294) is mapped anew and page-faulted every call, which cost more than the
+            # conversion (17 ms vs 2.6 ms at B=4).
             if self._input.shape != (B, S, H, W, 3):
                 self._input = torch.empty(B, S, H, W, 3)
-            frames, buffer = on_device.numpy(), self._input.numpy()
-            for j, i in enumerate(order):  # numpy: ~1.5x faster than torch.div here, the same values
-                np.divide(frames[:, i], np.float32(255), out=buffer[:, j], dtype=np.float32)
+            buffer = self._input.numpy()
+            for b in range(B):
+                frames = frames_u8[b].numpy()
+                for j, i in enumerate(order):  # numpy: ~1.5x faster than torch.div here, the same values
+                    np.divide(frames[i], np.float32(255), out=buffer[b, j], dtype=np.float32)
             x = self._input.permute(0, 1, 4, 2, 3)
+            colours = [frames_u8[b] for b in range(B)]
         else:  # two vectorised passes on the device: stack of views, then convert and divide in place
-            x = torch.stack([on_device[:, i] for i in order], dim=1).permute(0, 1, 4, 2, 3).float().div_(255)
+            if not isinstance(frames_u8, torch.Tensor):
+                frames_u8 = torch.stack(frames_u8) if B > 1 else frames_u8[0][None]
+            if frames_u8.device.type == "cpu":
+                frames_u8 = frames_u8.pin_memory()
+            colours = frames_u8.to(self.device, non_blocking=True)
+            x = torch.stack([colours[:, i] for i in order], dim=1).permute(0, 1, 4, 2, 3).float().div_(255)
         out = self.model(x)
         position = [order.index(i) for i in range(S)]  # time frame s -> model input position[s]
         back = _upload(position, x.device)
@@ -348,14 +355,13 @@ class GeometryStage:
         out["position"] = list(range(S)) if "depth" in reorder else position
         anchor = 0 if self.config.world_frame == "first" else S // 2
         out["extrinsic"] = rebase_extrinsics(out["extrinsic"], anchor)
-        out["frames"] = on_device  # uint8 [B,S,H,W,3], time order: the colours of the points
+        out["frames"] = colours
         return out
 
     @torch.inference_mode()
     def __call__(self, batch: list[WindowFrames]) -> list[Sample]:
         started = time.perf_counter()
-        frames_u8 = torch.stack([w.frames for w in batch]) if len(batch) > 1 else batch[0].frames[None]  # [B,S,H,W,3]
-        out = self.predict(frames_u8)
+        out = self.predict([w.frames for w in batch])
         if self.stats is not None:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -363,19 +369,21 @@ class GeometryStage:
             self.stats.stat_update("forward_seconds", forward_done - started)
         seeds = [sample_seed(w.video, w.window.focal_frame) for w in batch]
         selection = self.select_points(out, seeds)
-        points = self.assemble_points(out, selection)  # [B*K, 6] (device path, padded) or [total, 6]
+        points = self.assemble_points(out, selection)  # [B*K, 6] (device path, padded) or B x [count, 6]
         quality = self.quality_figures(out, selection)  # [B, 6]
-        S = frames_u8.shape[1]
-        # The one wait of the batch: kept points, counts, quality, focal depth and cameras cross
-        # to the host together (pinned buffers, non-blocking copies).
-        points_cpu, counts_cpu, quality_cpu, depth_cpu, extrinsic_cpu, intrinsic_cpu = _to_host([
-            points, selection.counts, quality, out["depth"][:, out["position"][S // 2]].contiguous(), out["extrinsic"],
-            out["intrinsic"]])
-        counts, padded = counts_cpu.tolist(), selection.padded
-        starts = ([b * padded for b in range(len(batch))] if padded is not None
-                  else [sum(counts[:b]) for b in range(len(batch))])
+        focal_depth = out["depth"][:, out["position"][len(batch[0].frames) // 2]]  # [B, H, W]
+        if selection.padded is None:  # the host path: on the host already, each window's points its own
+            points_cpu, quality_cpu, depth_cpu, extrinsic_cpu, intrinsic_cpu = (
+                points, quality, focal_depth, out["extrinsic"], out["intrinsic"])
+        else:
+            # The one wait of the batch: kept points, counts, quality, focal depth and cameras cross
+            # to the host together (pinned buffers, non-blocking copies).
+            points_all, counts_cpu, quality_cpu, depth_cpu, extrinsic_cpu, intrinsic_cpu = _to_host([
+                points, selection.counts, quality, focal_depth.contiguous(), out["extrinsic"], out["intrinsic"]])
+            K, counts = selection.padded, counts_cpu.tolist()
+            points_cpu = [points_all[b * K:b * K + counts[b]] for b in range(len(batch))]
         samples = [make_sample(w, self.config.world_frame, depth_cpu[b], extrinsic_cpu[b], intrinsic_cpu[b],
-                               points_cpu[starts[b]:starts[b] + counts[b]], quality_cpu[b].tolist())
+                               points_cpu[b], quality_cpu[b].tolist())
                    for b, w in enumerate(batch)]
         if self.stats is not None:
             self.stats.stat_update("postprocess_seconds", time.perf_counter() - forward_done)
@@ -470,7 +478,8 @@ class GeometryStage:
 
     def assemble_points(self, out: dict, selection: "PointSelection") -> torch.Tensor:
         """Kept pixels -> points [.., 6]: x y z in the window's world (unprojected through their
-        own frame's camera) and r g b in [0, 1] from their own frame."""
+        own frame's camera) and r g b in [0, 1] from their own frame. Device path: [B*K, 6],
+        window b's points at b*K (padded); host path: a list of B float32 [count_b, 6]."""
         if selection.padded is None:
             return _assemble_on_host(out, selection.index)
         depth, extrinsic, intrinsic = _time_ordered(out, "depth"), out["extrinsic"], out["intrinsic"]
@@ -484,7 +493,7 @@ class GeometryStage:
         camera = window * S + frame
         xyz = unproject_points(depth.reshape(-1)[flat], (pixel % W).float(), ((pixel // W) % H).float(),
                                extrinsic.reshape(B * S, 3, 4)[camera], intrinsic.reshape(B * S, 3, 3)[camera])
-        rgb = out["frames"].reshape(B * N, 3)[flat].float().div_(255)
+        rgb = _frames_tensor(out).reshape(B * N, 3)[flat].float().div_(255)
         return torch.cat([xyz, rgb], dim=1)
 
     def quality_figures(self, out: dict, selection: "PointSelection") -> torch.Tensor:
@@ -575,32 +584,48 @@ class PointKeys:
         return np.concatenate((walk[wrap:] - (n - seed), walk[:wrap] + seed))
 
 
-def _assemble_on_host(out: dict, flat: torch.Tensor) -> torch.Tensor:
-    """assemble_points on the CPU, in numpy: `flat` [total] increasing b*N + pixel indices, so
-    each camera's points are one contiguous run, unprojected with that camera's numbers as
-    planar [3, run] arrays (numpy is several times slower on [run, 3] rows) and turned into rows
-    by the matrix product, written straight into the points (BLAS writes strided rows at full
-    speed; numpy's own strided writes do not). Same arithmetic as unproject_points."""
+def _assemble_on_host(out: dict, flat: torch.Tensor) -> list[torch.Tensor]:
+    """assemble_points on the CPU, in numpy: `flat` [total] increasing b*N + pixel indices ->
+    B float32 [count_b, 6], each window's points in an array of its own (a sample never pins its
+    batch, and needs no copy). Each camera's points are one contiguous run, unprojected with that
+    camera's numbers as planar [3, run] arrays (numpy is several times slower on [run, 3] rows)
+    and turned into rows by the matrix product, written straight into the points (BLAS writes
+    strided rows at full speed; numpy's own strided writes do not). Same arithmetic as
+    unproject_points."""
     B, S, H, W = out["depth"].shape
+    HW = H * W
     index = flat.numpy()
-    bounds = np.searchsorted(index, np.arange(B * S + 1) * (H * W))  # camera c = b*S + s: bounds[c]:bounds[c+1]
-    z = [_time_frames(out, "depth", b) for b in range(B)]  # z[b][s]: flat [H*W]
+    bounds = np.searchsorted(index, np.arange(B * S + 1) * HW)  # camera c = b*S + s: bounds[c]:bounds[c+1]
     K = out["intrinsic"].reshape(B * S, 3, 3).numpy()
     E = out["extrinsic"].reshape(B * S, 3, 4).numpy()
-    points = np.empty((index.size, 6), np.float32)  # x y z r g b
-    for c in np.flatnonzero(np.diff(bounds)):
-        run = slice(bounds[c], bounds[c + 1])
-        pixel = index[run] - c * (H * W)
-        v, u = np.divmod(pixel, W)
-        zc = z[c // S][c % S][pixel]
-        cam = np.stack(((u.astype(np.float32) - K[c, 0, 2]) / K[c, 0, 0] * zc,
-                        (v.astype(np.float32) - K[c, 1, 2]) / K[c, 1, 1] * zc, zc))  # [3, run]
-        cam -= E[c, :, 3:]
-        np.matmul(cam.T, E[c, :, :3], out=points[run, :3])  # (R^T (x - t))^T = (x - t)^T R
-    rgb = torch.from_numpy(np.take(out["frames"].numpy().reshape(-1, 3), index, axis=0))  # uint8 [total, 3]
-    points = torch.from_numpy(points)
-    torch.div(rgb, 255, out=points[:, 3:])  # torch: strided rows 2x faster than numpy
-    return points
+    windows = []
+    for b in range(B):
+        z = _time_frames(out, "depth", b)  # z[s]: flat [H*W]
+        first, last = bounds[b * S], bounds[(b + 1) * S]
+        points = np.empty((last - first, 6), np.float32)  # x y z r g b
+        for c in range(b * S, (b + 1) * S):
+            if bounds[c] == bounds[c + 1]:
+                continue
+            pixel = index[bounds[c]:bounds[c + 1]] - c * HW
+            v, u = np.divmod(pixel, W)
+            zc = z[c - b * S][pixel]
+            cam = np.stack(((u.astype(np.float32) - K[c, 0, 2]) / K[c, 0, 0] * zc,
+                            (v.astype(np.float32) - K[c, 1, 2]) / K[c, 1, 1] * zc, zc))  # [3, run]
+            cam -= E[c, :, 3:]
+            np.matmul(cam.T, E[c, :, :3], out=points[bounds[c] - first:bounds[c + 1] - first, :3])  # (x - t)^T R
+        # uint8 [count, 3] from the window's own frames (flat (s, v, u) rows)
+        rgb = torch.from_numpy(np.take(out["frames"][b].numpy().reshape(-1, 3), index[first:last] - b * S * HW, axis=0))
+        points = torch.from_numpy(points)
+        torch.div(rgb, 255, out=points[:, 3:])  # torch: strided rows 2x faster than numpy
+        windows.append(points)
+    return windows
+
+
+def _frames_tensor(out: dict) -> torch.Tensor:
+    """out["frames"] as one uint8 [B,S,H,W,3] (the CPU keeps the windows' own tensors; only the
+    device path run on the CPU, as the tests run it, needs them stacked)."""
+    frames = out["frames"]
+    return frames if isinstance(frames, torch.Tensor) else torch.stack(frames)
 
 
 def _time_frames(out: dict, key: str, b: int) -> list[np.ndarray]:
