@@ -339,8 +339,7 @@ class GeometryStage:
             x = self._input.permute(0, 1, 4, 2, 3)
             colours = [frames_u8[b] for b in range(B)]
         else:  # two vectorised passes on the device: stack of views, then convert and divide in place
-            if not isinstance(frames_u8, torch.Tensor):
-                frames_u8 = torch.stack(frames_u8) if B > 1 else frames_u8[0][None]
+            frames_u8 = _stacked(frames_u8)
             if frames_u8.device.type == "cpu":
                 frames_u8 = frames_u8.pin_memory()
             colours = frames_u8.to(self.device, non_blocking=True)
@@ -476,7 +475,7 @@ class GeometryStage:
             self._key_tables[n] = PointKeys(n)
         return self._key_tables[n]
 
-    def assemble_points(self, out: dict, selection: "PointSelection") -> torch.Tensor:
+    def assemble_points(self, out: dict, selection: "PointSelection") -> torch.Tensor | list[torch.Tensor]:
         """Kept pixels -> points [.., 6]: x y z in the window's world (unprojected through their
         own frame's camera) and r g b in [0, 1] from their own frame. Device path: [B*K, 6],
         window b's points at b*K (padded); host path: a list of B float32 [count_b, 6]."""
@@ -493,7 +492,7 @@ class GeometryStage:
         camera = window * S + frame
         xyz = unproject_points(depth.reshape(-1)[flat], (pixel % W).float(), ((pixel // W) % H).float(),
                                extrinsic.reshape(B * S, 3, 4)[camera], intrinsic.reshape(B * S, 3, 3)[camera])
-        rgb = _frames_tensor(out).reshape(B * N, 3)[flat].float().div_(255)
+        rgb = _stacked(out["frames"]).reshape(B * N, 3)[flat].float().div_(255)  # the CPU keeps a list
         return torch.cat([xyz, rgb], dim=1)
 
     def quality_figures(self, out: dict, selection: "PointSelection") -> torch.Tensor:
@@ -621,11 +620,11 @@ def _assemble_on_host(out: dict, flat: torch.Tensor) -> list[torch.Tensor]:
     return windows
 
 
-def _frames_tensor(out: dict) -> torch.Tensor:
-    """out["frames"] as one uint8 [B,S,H,W,3] (the CPU keeps the windows' own tensors; only the
-    device path run on the CPU, as the tests run it, needs them stacked)."""
-    frames = out["frames"]
-    return frames if isinstance(frames, torch.Tensor) else torch.stack(frames)
+def _stacked(frames: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """uint8 [B,S,H,W,3] itself, or B windows' [S,H,W,3] stacked into one (one window: a view)."""
+    if isinstance(frames, torch.Tensor):
+        return frames
+    return torch.stack(frames) if len(frames) > 1 else frames[0][None]
 
 
 def _time_frames(out: dict, key: str, b: int) -> list[np.ndarray]:
