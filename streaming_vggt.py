@@ -552,10 +552,12 @@ class PointKeys:
     def __init__(self, n: int):
         self.n = n
         order = torch.argsort(priority_of(torch.arange(n, dtype=torch.int64), n))  # keys distinct: unique order
-        self.order = order.numpy().astype(np.int32)  # int32: half the bytes to gather and sort
+        self.order = order.numpy().astype(np.int32)  # int32: half the bytes to gather
         self.rank = torch.empty(n, dtype=torch.int64)
         self.rank[order] = torch.arange(n)
         self._on_device: dict[torch.device, torch.Tensor] = {}
+        # walk prefix length -> (the pixels it visits in increasing order, the step of each): int32
+        self._sorted_prefixes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def keys(self, seeds: torch.Tensor, device: torch.device) -> torch.Tensor:
         """[B] seeds -> [B, n] int64 key of every pixel."""
@@ -567,20 +569,33 @@ class PointKeys:
     def first_valid(self, valid: np.ndarray, valid_count: int, seed: int, count: int) -> np.ndarray:
         """The first `count` pixels of the walk where `valid` (bool [n], `valid_count` > `count`
         of them True) holds, as int64 pixel indices in increasing order. Only a prefix of the walk
-        is looked at, through `valid` rotated by the seed (so the walk itself needs no arithmetic)."""
+        is looked at, through `valid` rotated by the seed (so the walk itself needs no arithmetic):
+        the walk finds how many steps `taken` it needs, and a prefix of the walk sorted once per
+        table (`_sorted_prefix`) hands out the pixels it met already in increasing order (sorting
+        the 50k pixels met cost 1.3-1.7 ms a window; this 0.3)."""
         n, seed = self.n, seed % self.n
         rotated = np.concatenate((valid[seed:], valid[:seed]))  # rotated[j] = valid[(j + seed) % n]
         look = min(n, int(count * n / valid_count * 1.1) + 4096)
         while True:
-            steps = self.order[:look]
-            # rotated positions of the valid pixels met, in walk order (take/compress: 1.5x fancy indexing)
-            hits = np.compress(np.take(rotated, steps), steps)
-            if hits.size >= count or look == n:
+            met = np.flatnonzero(np.take(rotated, self.order[:look]))  # steps that meet a valid pixel
+            if met.size >= count or look == n:
                 break
             look = min(n, 2 * look)
-        walk = np.sort(hits[:count]).astype(np.int64)
+        taken = int(met[count - 1]) + 1  # steps 0 .. taken-1 meet exactly `count` valid pixels
+        pixels, steps = self._sorted_prefix(taken)
+        walk = np.compress(np.take(rotated, pixels) & (steps < taken), pixels).astype(np.int64)
         wrap = np.searchsorted(walk, n - seed)  # positions from here on wrap round to the start
         return np.concatenate((walk[wrap:] - (n - seed), walk[:wrap] + seed))
+
+    def _sorted_prefix(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rotated positions visited by the first L >= `steps` steps of the walk, in increasing
+        order; the step that visits each), int32 [L] each, L the next power of two from 2^16
+        (at most n): a few tables a window size, ~2n entries in all, built on first use."""
+        length = min(self.n, max(1 << 16, 1 << (steps - 1).bit_length()))
+        if length not in self._sorted_prefixes:
+            pixels = np.sort(self.order[:length])
+            self._sorted_prefixes[length] = (pixels, self.rank.numpy()[pixels].astype(np.int32))
+        return self._sorted_prefixes[length]
 
 
 def _assemble_on_host(out: dict, flat: torch.Tensor) -> list[torch.Tensor]:

@@ -741,14 +741,17 @@ def test_kth_smallest_on_the_host_is_torch_kthvalue(case):
         assert got == want or (np.isnan(got) and np.isnan(want)), (k, got, want)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 123_456, 761_559])
-def test_point_cap_takes_the_first_valid_pixels_of_the_walk(seed):
+@pytest.mark.parametrize("seed, n, count, fraction", [
+    (0, 5 * 60 * 80, 2_000, 0.6), (1, 5 * 60 * 80, 2_000, 0.6), (123_456, 5 * 60 * 80, 2_000, 0.6),
+    (761_559, 5 * 60 * 80, 2_000, 0.6),
+    # past the smallest sorted prefix (2^16 steps): several prefix tables, a walk that wraps
+    (761_559, 5 * 294 * 518, 50_000, 0.75), (5, 5 * 294 * 518, 50_000, 0.1), (9, 300_001, 60_000, 0.99)])
+def test_point_cap_takes_the_first_valid_pixels_of_the_walk(seed, n, count, fraction):
     """PointKeys.first_valid (rotated mask, prefix of the walk) = the valid pixels with the
     smallest keys, found the slow way from PointKeys.keys."""
     rng = np.random.default_rng(seed)
-    n, count = 5 * 60 * 80, 2_000
     keys = streaming_vggt.PointKeys(n)
-    valid = rng.random(n) < 0.6
+    valid = rng.random(n) < fraction
     want = torch.where(torch.from_numpy(valid), keys.keys(torch.tensor([seed]), torch.device("cpu"))[0], n + keys.n)
     want = np.sort(want.topk(count, largest=False).indices.numpy())
     got = keys.first_valid(valid, int(valid.sum()), seed, count)
