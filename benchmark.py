@@ -47,6 +47,7 @@ post-processing either: decode, queues and writer only), 'tiny' (tests/tiny_vggt
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -306,8 +307,9 @@ def measure_decode_only(video: str, settings: WindowSettings) -> dict:
 
 def measure_pipeline(stage: GeometryStage, video: str, settings: WindowSettings, batch_size: int,
                      out_root: str) -> dict:
-    """The real pipeline on one video: submit, wait for the video's result, read the counters."""
-    shutil.rmtree(out_root, ignore_errors=True)
+    """The real pipeline on one video: submit, wait for the video's result, read the counters.
+    `out_root` must not exist; what is written there stays until the caller removes it (see
+    `fresh_root`)."""
     stats = Stats()
     writer = ShardedWriter(out_root, 0)
     pipeline = Pipeline(stage, writer, settings, batch_size=batch_size, stats=stats)
@@ -328,9 +330,21 @@ def measure_pipeline(stage: GeometryStage, video: str, settings: WindowSettings,
     if counts.get("oom_batch_halvings"):
         print(f"e2e: out of GPU memory at B={batch_size}: the pipeline went on with B={pipeline.batch_size}",
               file=sys.stderr)
-    shutil.rmtree(out_root, ignore_errors=True)
     return {"windows": result.samples, "seconds": seconds, "counts": counts,
             "peak_rss": rss.peak, "peak_gpu": gpu_peak(stage.device)}
+
+
+def fresh_root(scratch: str, name: str) -> str:
+    """A new, unused output root under `scratch` for one measured run. Runs never delete what an
+    earlier run wrote: the whole scratch folder goes at the end. On ext4 without a journal (this
+    VM's disk) every file created in the 1-6 minutes after a deletion scans past the deleted
+    inodes (`recently_deleted` in the kernel's inode allocator): after the ~400 files of one e2e
+    run were deleted, creating a file cost 0.3-1 ms of CPU instead of 0.02-0.06 (NOTES.md), which
+    a real extraction, that never deletes, does not pay."""
+    for n in itertools.count():
+        root = os.path.join(scratch, f"{name}-{n}")
+        if not os.path.exists(root):
+            return root
 
 
 def predecode(video: str, settings: WindowSettings, limit: int) -> list:
@@ -396,7 +410,6 @@ def measure_naive(model, device: torch.device, video: str, settings: WindowSetti
     import decord  # the naive script's reader; not a requirement of the tool
     from PIL import Image
 
-    shutil.rmtree(out_root, ignore_errors=True)
     writer = ShardedWriter(out_root, 0)
     started = time.perf_counter()
     reader = decord.VideoReader(video, ctx=decord.cpu(0))
@@ -446,7 +459,6 @@ def measure_naive(model, device: torch.device, video: str, settings: WindowSetti
         count += 1
     writer.close()
     seconds = time.perf_counter() - started
-    shutil.rmtree(out_root, ignore_errors=True)
     return {"windows": count, "seconds": seconds}
 
 
@@ -557,11 +569,11 @@ def run_benchmark(args) -> list[Row]:
                 decode_runs.append(in_thread(measure_decode_only, video, settings))
                 order = args.batch_size if repeat % 2 == 0 else args.batch_size[::-1]
                 for b in order:
-                    runs[b].append(measure_pipeline(stage, video, settings, b, os.path.join(scratch, "e2e")))
+                    runs[b].append(measure_pipeline(stage, video, settings, b, fresh_root(scratch, "e2e")))
                     model_runs[b].append(in_thread(measure_model_only, stage, decoded, b))
                 if not args.no_naive and naive_available():
                     naive_runs.append(in_thread(measure_naive, model, device, video, settings, config,
-                                                os.path.join(scratch, "naive"), args.model_windows or 10**9))
+                                                fresh_root(scratch, "naive"), args.model_windows or 10**9))
                 print(f"{label}: repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
             del decoded
             decode_rate = median([d["windows"] / d["seconds"] for d in decode_runs])

@@ -344,7 +344,8 @@ def check_e2e(args, model, device, batch_size) -> None:
                 raise RuntimeError(f"e2e run failed: {result.reason}")
             print(f"{stride:>6} | {result.samples:>7} | {model_rate:>14.1f} | {e2e_rate:>8.1f} | "
                   f"{e2e_rate / model_rate:>9.2f} | {decode_rate:>15.1f}")
-            shutil.rmtree(out, ignore_errors=True)
+            # kept until the end: files deleted now would slow the next run's file creation
+            # (benchmark.fresh_root)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
