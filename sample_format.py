@@ -341,6 +341,36 @@ def drop_from_page_cache(fd: int) -> None:
             pass
 
 
+_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS, _FS_TOPDIR_FL = 0x80086601, 0x40086602, 0x00020000  # linux/fs.h
+
+
+def mark_top_directory(path: str) -> bool:
+    """Flag the folder `path` as the top of a directory hierarchy (`chattr +T`), so that ext4 puts
+    each folder made in it in a block group of its own choosing, with free inodes and few folders,
+    instead of beside its parent. Why: ext4 without a journal skips every inode deleted in the
+    last 1-6 minutes when it allocates one (`recently_deleted`), scanning the parent's group from
+    its start for each new file; after a few thousand files were deleted there (an old output
+    folder removed, a test run), creating each file of a sample cost 0.3-1 ms of CPU, against
+    0.02 ms in a folder of a fresh group (NOTES.md). Advice only: False where the file system or
+    platform has no such flag (nothing else changes)."""
+    try:
+        import fcntl
+        import struct
+
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except (ImportError, OSError):
+        return False
+    try:
+        flags = struct.unpack("i", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, struct.pack("i", 0)))[0]
+        if not flags & _FS_TOPDIR_FL:
+            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, struct.pack("i", flags | _FS_TOPDIR_FL))
+        return True
+    except OSError:  # ENOTTY / EOPNOTSUPP / EPERM: a file system without the flag
+        return False
+    finally:
+        os.close(fd)
+
+
 def _torch_bytes(obj) -> bytes:
     import torch
 

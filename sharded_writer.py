@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from sample_format import (  # noqa: F401  (re-exported: the format's names, for callers of this module)
     DEFAULT_DEPTH_FORMAT, DEFAULT_FILES_PER_DIR, DEFAULT_JPEG_QUALITY, DEFAULT_SHARD_FORMAT, DEPTH_ENCODING,
     DEPTH_FORMATS, INDEX_NAME, SHARD_DIGITS, SHARD_FORMATS, TAR_SUFFIX, TMP_DIR, ResumeLog, Sample, decode_depth,
-    drop_from_page_cache, encode_depth, encode_sample, index_record, read_index, resume_points, sample_payloads,
+    drop_from_page_cache, encode_depth, encode_sample, index_record, mark_top_directory, read_index, resume_points,
+    sample_payloads,
     sample_suffixes, stem_digits, write_payload)
 
 WRITTEN_LAG = 64  # files written after a file before its pages are dropped (written back by then)
@@ -84,6 +85,9 @@ class ShardedWriter:
         self.index_path = os.path.join(self.rank_dir, INDEX_NAME)
         os.makedirs(self.rank_dir, exist_ok=True)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)  # temp files of a killed run
+        # every file is created in .tmp: made under a top directory, it lands in a block group of
+        # its own, not in one whose recently deleted inodes slow each create (mark_top_directory)
+        mark_top_directory(self.rank_dir)
         os.makedirs(self.tmp_dir)
         # Where the rank stands, from the resume log's last line and the index lines after it (the
         # index's half-written last line, if any, is cut): nothing is read per sample written before.

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -454,3 +455,35 @@ def test_written_samples_leave_the_page_cache(tmp_path):
         for i in range(1, sharded_writer.WRITTEN_LAG // 4 + 1):
             writer.write(make_sample(i, n_points=20_000))
         assert sum(resident_pages(p) for p in first) == 0
+
+
+def _directory_flags(path) -> int | None:
+    """The folder's inode flags (FS_IOC_GETFLAGS), None where the file system has none."""
+    import fcntl
+    import struct
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, 0x80086601, struct.pack("i", 0)))[0]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inode flags: Linux")
+def test_the_rank_folder_is_a_top_directory(tmp_path):
+    """The writer flags OUT/<rank> as a top directory (chattr +T) before it makes .tmp/, where every
+    file is created: ext4 then places .tmp/ in a block group of its own choosing, not beside a
+    folder whose recently deleted inodes each create would scan (sample_format.mark_top_directory)."""
+    from sample_format import mark_top_directory
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if not mark_top_directory(str(probe)):
+        pytest.skip("this file system has no top-directory flag (tmpfs, overlayfs?)")
+    assert _directory_flags(probe) & 0x00020000
+    write_all(tmp_path / "out", [make_sample(0)], files_per_dir=3)
+    assert _directory_flags(tmp_path / "out" / "0") & 0x00020000
+    assert mark_top_directory(str(tmp_path / "out" / "0"))  # already set: still True, nothing else changes
+    assert_consistent(tmp_path / "out" / "0")
