@@ -812,3 +812,20 @@ def test_auto_batch_size_grows_with_memory_and_shrinks_with_the_window():
     assert 8 <= h100 <= AUTO_BATCH_MAX
     assert auto_batch_size(15, 294, 518, 40 * gib) < h100 and auto_batch_size(5, 518, 518, 40 * gib) < h100
     assert auto_batch_size(5, 294, 518, 20 * gib) < auto_batch_size(5, 294, 518, 40 * gib)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 19_061])
+def test_host_quantiles_match_torch_quantile(n):
+    """_quantiles_np (order statistics put in place by a partition) = torch.quantile's linear
+    interpolation, NaN rows included (torch gives NaN for a row holding one)."""
+    rng = np.random.default_rng(n)
+    rows = [rng.random(n, dtype=np.float32), np.round(rng.random(n, dtype=np.float32) * 4).astype(np.float32),
+            rng.random(n, dtype=np.float32)]
+    rows[2][rng.integers(n)] = np.nan
+    values = torch.from_numpy(np.stack(rows))
+    q = streaming_vggt.QUALITY_QUANTILES
+    got = streaming_vggt._quantiles_np(values, q)
+    want = torch.quantile(values, torch.tensor(q, dtype=torch.float32), dim=1).T
+    assert got.dtype == torch.float32 and got.shape == (3, len(q))
+    assert torch.isnan(got[2]).all() and torch.isnan(want[2]).all()
+    torch.testing.assert_close(got[:2], want[:2], rtol=0, atol=1e-6)
