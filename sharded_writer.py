@@ -44,8 +44,7 @@ from sample_format import (  # noqa: F401  (re-exported: the format's names, for
     DEFAULT_DEPTH_FORMAT, DEFAULT_FILES_PER_DIR, DEFAULT_JPEG_QUALITY, DEFAULT_SHARD_FORMAT, DEPTH_ENCODING,
     DEPTH_FORMATS, INDEX_NAME, SHARD_DIGITS, SHARD_FORMATS, TAR_SUFFIX, TMP_DIR, ResumeLog, Sample, decode_depth,
     drop_from_page_cache, encode_depth, encode_sample, index_record, mark_top_directory, read_index, resume_points,
-    sample_payloads,
-    sample_suffixes, stem_digits, write_payload)
+    sample_payloads, sample_suffixes, stem_digits, write_payload)
 
 WRITTEN_LAG = 64  # files written after a file before its pages are dropped (written back by then)
 
