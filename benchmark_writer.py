@@ -11,7 +11,10 @@ root is deleted after each round, so later rounds reuse memory the first one tou
 memory touched for the first time costs several times more: compare rounds after the first). Whole
 writes: CPU seconds of this process (time.process_time) per sample, median over rounds, round 0
 (warm-up) dropped. Parts: the best of 5 repeats of 100 calls each, wall clock, one thread.
-File creation is the file system's (ext4 on a VM: 0.1-0.5 ms a file, 4 files a dir sample).
+File creation is the file system's (4 files a dir sample). On ext4 without a journal a file
+created within minutes of deletions nearby costs 0.3-1 ms instead of ~0.02 (the rounds here delete
+their roots): the writer's top-directory flag on OUT/<rank> (sample_format.mark_top_directory)
+avoids most of it, so a `--baseline` from before that flag pays for the deletions and this one not.
 """
 
 from __future__ import annotations
