@@ -351,7 +351,7 @@ def measure_pipeline(stage: GeometryStage, video: str, settings: WindowSettings,
         started = time.perf_counter()
         pipeline.submit(VideoTask(video))
         while result is None:
-            for event in pipeline.poll(0.5):
+            for event in pipeline.poll(0.5, gather=True):
                 if isinstance(event, VideoResult):
                     result = event
         seconds = time.perf_counter() - started

@@ -519,11 +519,13 @@ class Worker:
     def poll(self, timeout: float = 0.5) -> tuple[int, list]:
         """(this process's pid, events): a pid the driver does not know means Ray restarted the
         actor unseen (a call made while it restarted reaches the new process), and its videos are lost."""
-        return os.getpid(), self.pipeline.poll(timeout)
+        return os.getpid(), self.pipeline.poll(timeout, gather=True)
 
     def finish(self) -> dict:
         self.pipeline.close()
-        return self.pipeline.stats.snapshot()
+        counts = self.pipeline.stats.snapshot()  # the same counters the summary and the benchmark read
+        print(f"--- worker pid {os.getpid()} finished: {json.dumps(counts, sort_keys=True)}", file=sys.stderr, flush=True)
+        return counts
 
 
 def worker_batch_size(batch_size: int | str, device: str):

@@ -144,6 +144,25 @@ def test_model_runs_ahead_of_a_busy_writer_but_only_so_far(clip, one_torch_threa
     pipeline.close()
 
 
+def test_a_gathering_poll_waits_out_its_timeout_unless_a_video_ends(clip, one_torch_thread):
+    """poll(gather=True), as the worker answers the driver through Ray: one call per timeout with
+    every event since, not one call per sample; a VideoResult (the driver hands out the next
+    video on it) ends the wait at once."""
+    gate = threading.Event()
+    pipeline = Pipeline(FakeStage(gate), FakeWriter(), WindowSettings(kernel=3, stride=1), batch_size=2)
+    pipeline.submit(VideoTask(clip))
+    started = time.monotonic()
+    events = pipeline.poll(0.3, gather=True)  # the model is held: nothing ends
+    assert time.monotonic() - started >= 0.29 and not [e for e in events if isinstance(e, VideoResult)]
+    gate.set()
+    started = time.monotonic()
+    events += pipeline.poll(TIMEOUT, gather=True)
+    assert time.monotonic() - started < TIMEOUT / 2
+    assert isinstance(events[-1], VideoResult) and events[-1].status == "done"
+    assert sum(isinstance(e, tuple) and e[0] == "sample" for e in events) == num_windows(40, 3, 1, 1)
+    pipeline.close()
+
+
 @pytest.mark.parametrize("writer_thread", [True, False])
 def test_markers_keep_order_and_results_come_after_their_samples(clip, tmp_path, one_torch_thread,
                                                                  writer_thread):
