@@ -717,6 +717,29 @@ def test_device_path_selects_the_same_points_as_the_host_path(scene_windows, con
         assert torch.equal(a.points[:, 3:], b.points[:, 3:])
 
 
+@pytest.mark.parametrize("focal_first", [True, False])
+def test_the_model_sees_every_frame_divided_by_255_in_its_input_order(focal_first):
+    """The model input of the CPU path (a reused buffer, filled frame by frame) is exactly what
+    the seam promises: float32 [B, S, 3, H, W], frames / 255, in input_order (SPEC)."""
+    generator = torch.Generator().manual_seed(0)
+    windows = [torch.randint(0, 256, (5, 28, 42, 3), dtype=torch.uint8, generator=generator) for _ in range(2)]
+    seen = []
+
+    def model(x):
+        seen.append(x.clone())
+        B, S, _, H, W = x.shape
+        intrinsic = torch.tensor([[30.0, 0, 20], [0, 30, 13], [0, 0, 1]]).expand(B, S, 3, 3)
+        return {"depth": torch.ones(B, S, H, W), "depth_conf": torch.ones(B, S, H, W),
+                "extrinsic": torch.eye(3, 4).expand(B, S, 3, 4), "intrinsic": intrinsic}
+
+    stage = GeometryStage(model, "cpu", GeometryConfig(focal_first=focal_first))
+    for batch in (windows, windows[:1], windows):  # the buffer is remade and reused
+        stage.predict(batch)
+        order = stage.input_order(5)
+        expected = torch.stack([w[order] for w in batch]).permute(0, 1, 4, 2, 3).float() / 255
+        assert seen[-1].dtype == torch.float32 and torch.equal(seen[-1], expected)
+
+
 @pytest.mark.parametrize("case", ["uniform", "constant", "few values", "two values", "heavy tail", "some NaN",
                                   "mostly NaN", "sorted", "small"])
 def test_kth_smallest_on_the_host_is_torch_kthvalue(case):
