@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import functools
+import gc
 import glob
 import json
 import os
@@ -494,6 +495,10 @@ class Worker:
                                  on_device_fault=functools.partial(end_worker_process, rank_dir),
                                  shot_model=_shot_model(config.shots, device))
         self.device = device
+        # What is loaded now (~170k objects: torch, Ray, the model) lives as long as the process:
+        # out of the collector's sight, the first full collection no longer stops every thread for
+        # ~80 ms with the GIL held, a few seconds into the first video.
+        gc.freeze()
 
     def ready(self) -> dict:
         import socket
