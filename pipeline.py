@@ -296,7 +296,7 @@ class Pipeline:
         early only by a VideoResult or a fault, then take every event at once. A remote caller
         (the driver, through Ray) then makes two calls a second instead of one per sample: each
         call, and each wake-up, takes this process's GIL from the pipeline (issue 12: the CLI made
-        59 windows/s where the same pipeline in a process alone made 73)."""
+        ~55 windows/s answering per sample, ~72 gathering; NOTES.md)."""
         events = []
         if gather:
             self._ended.wait(timeout)
