@@ -66,7 +66,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from frames import FrameSource, model_grid  # noqa: E402
-from pipeline import Pipeline, Stats, VideoResult, VideoTask, WindowSettings  # noqa: E402
+from pipeline import REMOTE_POLL_LINGER, Pipeline, Stats, VideoResult, VideoTask, WindowSettings  # noqa: E402
 from sharded_writer import ShardedWriter  # noqa: E402
 from streaming_vggt import GeometryConfig, GeometryStage, Sample, load_backend, sample_seed  # noqa: E402
 from window import needed_frames, num_windows, windows  # noqa: E402
@@ -351,7 +351,7 @@ def measure_pipeline(stage: GeometryStage, video: str, settings: WindowSettings,
         started = time.perf_counter()
         pipeline.submit(VideoTask(video))
         while result is None:
-            for event in pipeline.poll(0.5, gather=True):
+            for event in pipeline.poll(0.5, linger=REMOTE_POLL_LINGER):
                 if isinstance(event, VideoResult):
                     result = event
         seconds = time.perf_counter() - started

@@ -524,7 +524,9 @@ class Worker:
     def poll(self, timeout: float = 0.5) -> tuple[int, list]:
         """(this process's pid, events): a pid the driver does not know means Ray restarted the
         actor unseen (a call made while it restarted reaches the new process), and its videos are lost."""
-        return os.getpid(), self.pipeline.poll(timeout, gather=True)
+        from pipeline import REMOTE_POLL_LINGER
+
+        return os.getpid(), self.pipeline.poll(timeout, linger=REMOTE_POLL_LINGER)
 
     def finish(self) -> dict:
         self.pipeline.close()

@@ -302,7 +302,7 @@ def generate_clip(path: str, width: int, height: int, frames: int, fps: int = 30
 
 def check_e2e(args, model, device, batch_size) -> None:
     from frames import FrameSource
-    from pipeline import Pipeline, Stats, VideoResult, VideoTask, WindowSettings
+    from pipeline import REMOTE_POLL_LINGER, Pipeline, Stats, VideoResult, VideoTask, WindowSettings
     from sharded_writer import ShardedWriter
     from streaming_vggt import GeometryConfig, GeometryStage
 
@@ -337,7 +337,7 @@ def check_e2e(args, model, device, batch_size) -> None:
             pipeline.submit(VideoTask(clip))
             result = None
             while result is None:
-                result = next((e for e in pipeline.poll(0.5, gather=True) if isinstance(e, VideoResult)), None)
+                result = next((e for e in pipeline.poll(0.5, linger=REMOTE_POLL_LINGER) if isinstance(e, VideoResult)), None)
             e2e_rate = result.samples / (time.perf_counter() - started)
             pipeline.close()
             if result.status != "done":
@@ -369,7 +369,7 @@ def check_oom(args, model, device) -> None:
     hold no memory of the failed attempts afterwards."""
     import torch
 
-    from pipeline import Pipeline, Stats, VideoResult, VideoTask, WindowSettings
+    from pipeline import REMOTE_POLL_LINGER, Pipeline, Stats, VideoResult, VideoTask, WindowSettings
     from sharded_writer import ShardedWriter
     from streaming_vggt import GeometryConfig, GeometryStage
 
@@ -399,7 +399,7 @@ def check_oom(args, model, device) -> None:
         pipeline.submit(VideoTask(clip))
         result = None
         while result is None:
-            result = next((e for e in pipeline.poll(0.5, gather=True) if isinstance(e, VideoResult)), None)
+            result = next((e for e in pipeline.poll(0.5, linger=REMOTE_POLL_LINGER) if isinstance(e, VideoResult)), None)
         pipeline.close()
         counts = stats.snapshot()
         leaked = (torch.cuda.memory_allocated(device) - baseline) / 2**20 if device.type == "cuda" else 0.0

@@ -102,6 +102,7 @@ class _Failed:  # model or writer failed on a video: drop its remaining windows 
 _STOP = object()
 _IDLE = object()  # the decoder has no video left to decode: run partial batches now
 MAX_CONSECUTIVE_FAILURES = 4  # failed forwards in a row (no success between) that end the worker
+REMOTE_POLL_LINGER = 0.1  # seconds a remote caller's poll gathers events after the first (poll)
 STALE_BATCHES = 4  # a partial batch runs once this many batches' worth of other windows went by
 
 
@@ -270,7 +271,7 @@ class Pipeline:
         self._write_failed: dict[str, str] = {}  # video -> why writing its samples failed
         self._written: dict[str, int] = {}  # video -> samples written, until its result goes out
         self._events: queue.Queue = queue.Queue()  # VideoStart, VideoResult, written samples: for poll()
-        self._ended = threading.Event()  # set once a VideoResult is queued or a thread died: wakes poll(gather)
+        self._ended = threading.Event()  # set once a VideoResult is queued or a thread died: ends poll's linger
         self._fatal: BaseException | None = None
         self._threads = [
             threading.Thread(target=self._guard, args=(self._decode_loop,), name="decode", daemon=True),
@@ -290,20 +291,19 @@ class Pipeline:
         one --batch-size auto picks for it), cut to what fits after an out-of-memory error."""
         return max(1, min(self._batch_size_of(shape), self.batch_size))
 
-    def poll(self, timeout: float = 0.5, gather: bool = False) -> list:
+    def poll(self, timeout: float = 0.5, linger: float = 0.0) -> list:
         """Events since the last call (VideoStart, VideoResult, ("sample", video) per written
-        sample), waiting up to `timeout` for the first. `gather`: sleep until `timeout`, woken
-        early only by a VideoResult or a fault, then take every event at once. A remote caller
-        (the driver, through Ray) then makes two calls a second instead of one per sample: each
-        call, and each wake-up, takes this process's GIL from the pipeline (issue 12: the CLI made
-        ~55 windows/s answering per sample, ~72 gathering; NOTES.md)."""
+        sample), waiting up to `timeout` for the first; then up to `linger` seconds more while
+        others gather (a VideoResult or a fault ends that wait). A remote caller (the driver,
+        through Ray) lingers, so that it makes a few calls a second instead of one per sample:
+        each call takes this process's GIL from the pipeline (issue 12: the CLI made ~55
+        windows/s answering per sample, ~72 gathering; NOTES.md)."""
         events = []
-        if gather:
-            self._ended.wait(timeout)
-            self._ended.clear()  # before taking the events: one queued after this sets it again
         try:
-            if not gather:
-                events.append(self._events.get(timeout=timeout))
+            events.append(self._events.get(timeout=timeout))
+            if linger > 0 and not isinstance(events[-1], VideoResult):
+                self._ended.wait(linger)
+            self._ended.clear()  # before taking the rest: one queued after this sets it again
             while True:
                 events.append(self._events.get_nowait())
         except queue.Empty:

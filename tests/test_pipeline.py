@@ -144,21 +144,22 @@ def test_model_runs_ahead_of_a_busy_writer_but_only_so_far(clip, one_torch_threa
     pipeline.close()
 
 
-def test_a_gathering_poll_waits_out_its_timeout_unless_a_video_ends(clip, one_torch_thread):
-    """poll(gather=True), as the worker answers the driver through Ray: one call per timeout with
-    every event since, not one call per sample; a VideoResult (the driver hands out the next
-    video on it) ends the wait at once."""
+def test_a_lingering_poll_gathers_events_and_a_video_end_cuts_it_short(clip, one_torch_thread):
+    """poll(linger=...), as the worker answers the driver through Ray: after the first event it
+    waits `linger` for more (one call for many samples, not one per sample); a VideoResult (the
+    driver hands out the next video on it) ends the wait at once."""
     gate = threading.Event()
     pipeline = Pipeline(FakeStage(gate), FakeWriter(), WindowSettings(kernel=3, stride=1), batch_size=2)
     pipeline.submit(VideoTask(clip))
     started = time.monotonic()
-    events = pipeline.poll(0.3, gather=True)  # the model is held: nothing ends
-    assert time.monotonic() - started >= 0.29 and not [e for e in events if isinstance(e, VideoResult)]
+    events = pipeline.poll(TIMEOUT, linger=0.3)  # the VideoStart, then a full linger: the model is held
+    assert time.monotonic() - started >= 0.29 and [type(e) for e in events] == [VideoStart]
     gate.set()
     started = time.monotonic()
-    events += pipeline.poll(TIMEOUT, gather=True)
-    assert time.monotonic() - started < TIMEOUT / 2
-    assert isinstance(events[-1], VideoResult) and events[-1].status == "done"
+    while not isinstance(events[-1], VideoResult):
+        events += pipeline.poll(TIMEOUT, linger=TIMEOUT)
+    assert time.monotonic() - started < TIMEOUT / 2  # the video's end cut the linger short
+    assert events[-1].status == "done"
     assert sum(isinstance(e, tuple) and e[0] == "sample" for e in events) == num_windows(40, 3, 1, 1)
     pipeline.close()
 
