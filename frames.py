@@ -21,7 +21,6 @@ from window import Window, WindowPlanner
 
 MODEL_SIZE = 518  # VGGT's training resolution (long side / width)
 PATCH = 14  # VGGT's patch size: model H and W are multiples of it
-READ_CHUNK = 8  # frames resized per call: amortises call overhead, bounds full-res memory
 
 
 class DecodeError(RuntimeError):
@@ -203,7 +202,7 @@ class FrameSource:
 
         A window is handed out as soon as its last frame has decoded; the windows of the stream's end
         are decided when it ends. Kept frames: those a pending window needs, at most one window
-        span (plus READ_CHUNK frames at full resolution waiting for the resize).
+        span, on the model grid (each frame is resized as soon as it is decoded).
         """
         # In an indexed container the packet count is the decoded count: windows past it are not
         # planned (no frame decoded for a window that cannot fit) unless the stream proves longer.
@@ -211,23 +210,17 @@ class FrameSource:
                                 expected_end=self.info.num_frames if self.info.count_exact else None)
         kept: dict[int, torch.Tensor] = {}  # frame index -> uint8 [H, W, 3] on the model grid
         times: dict[int, float] = {}
-        batch: list[np.ndarray] = []  # full-resolution upright frames waiting for the resize
-        batch_indices: list[int] = []
         try:
             to_rgb = _ToRGB()
             for index, frame, t in self._needed_frames(planner):
                 if index in times:  # handed over again after a restart
                     continue
-                rgb = to_rgb(frame)
-                batch.append(np.ascontiguousarray(np.rot90(rgb, k=self._probe.turns)) if self._probe.turns else rgb)
-                batch_indices.append(index)
+                kept[index] = self._on_model_grid(to_rgb(frame))
                 times[index] = t
                 due = planner.next_window_last()
-                if len(batch) < READ_CHUNK and (due is None or index < due):
+                if due is not None and index < due:  # no window is complete yet
                     continue
-                self._resize_into(batch, batch_indices, kept)
                 yield from self._hand_out(planner, index, kept, times, dilation)
-            self._resize_into(batch, batch_indices, kept)
             planner.end_stream(self.num_frames)
             yield from self._hand_out(planner, self.num_frames - 1, kept, times, dilation)
         finally:
@@ -252,8 +245,6 @@ class FrameSource:
         turns = self._probe.turns
         kept: dict[int, torch.Tensor] = {}  # frame index -> uint8 [H, W, 3] on the model grid
         times: dict[int, float] = {}
-        batch: list[np.ndarray] = []  # full-resolution upright frames waiting for the resize
-        batch_indices: list[int] = []
         emitted: dict[int, int] = {}  # first frame of a shot -> last focal handed out
         done = 0  # shots before this one have handed out all their windows
         self.shots = []
@@ -281,7 +272,7 @@ class FrameSource:
             if detector.open_shot is not None:
                 next_first = emitted.get(detector.open_shot, -1) + stride - half_span
                 keep_from = min(keep_from, max(detector.open_shot, next_first))
-            self.max_frames_held = max(self.max_frames_held, len(kept) + len(batch))
+            self.max_frames_held = max(self.max_frames_held, len(kept))
             for i in [i for i in kept if i < keep_from]:
                 del kept[i]
             for i in [i for i in times if i < keep_from]:
@@ -293,14 +284,9 @@ class FrameSource:
                 detector.push(upright_small(small_copy(frame), turns))
                 times[index] = t
                 if index + half_span > after_focal:  # a window still to write may use this frame
-                    rgb = to_rgb(frame)
-                    batch.append(np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb)
-                    batch_indices.append(index)
-                    if len(batch) >= READ_CHUNK or detector.final_upto > batch_indices[0]:
-                        self._resize_into(batch, batch_indices, kept)  # a window may need them now
+                    kept[index] = self._on_model_grid(to_rgb(frame))
                 yield from ready()
             detector.finish()
-            self._resize_into(batch, batch_indices, kept)
             yield from ready()
             self.shots = list(detector.shots)
         finally:
@@ -324,13 +310,15 @@ class FrameSource:
             yield index, frame, last_time
             index += 1
 
-    def _resize_into(self, batch: list[np.ndarray], indices: list[int], kept: dict[int, torch.Tensor]) -> None:
-        if batch:
-            for i, frame in zip(indices, to_model_grid(torch.from_numpy(np.stack(batch)), self.grid)):
-                kept[i] = frame
-            self.frames_decoded += len(batch)
-            batch.clear()
-            indices.clear()
+    def _on_model_grid(self, rgb: np.ndarray) -> torch.Tensor:
+        """One decoded uint8 [h, w, 3] frame -> upright, on the model grid, uint8 [H, W, 3]; counted
+        in frames_decoded. Resized as soon as it is decoded, alone: batching frames for the resize
+        only added a stacked copy of the full-size frames (0.14 ms a 720p frame) and held up to 8 of
+        them (22 MB at 720p), while the resize loops over frames anyway (NOTES.md, issue 12)."""
+        turns = self._probe.turns
+        upright = np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
+        self.frames_decoded += 1
+        return to_model_grid(torch.from_numpy(upright)[None], self.grid)[0]
 
     def _hand_out(self, planner: WindowPlanner, arrived: int, kept: dict[int, torch.Tensor],
                   times: dict[int, float], dilation: int) -> Iterator[WindowFrames]:

@@ -195,7 +195,7 @@ def test_synthetic_cut_free_clips_give_no_cut(model, tmp_path, kind):
 
 @needs_real_clips
 def test_frame_source_windows_per_shot_resume_exact_and_memory_flat(model, tmp_path):
-    from frames import FrameSource, READ_CHUNK
+    from frames import FrameSource
 
     edit = sv.standard_edit(tmp_path / "edit.mp4")
     k, s, d = 5, 3, 2
@@ -209,7 +209,7 @@ def test_frame_source_windows_per_shot_resume_exact_and_memory_flat(model, tmp_p
         shot = found[w.shot_index]
         assert w.shot_first_frame == shot.first_frame and w.shot_last_frame in (shot.last_frame, -1)
     lookahead = shots.WINDOW - shots.CONTEXT + shots.MAX_EXTENT + shots.DEFAULT_GUARD
-    assert source.max_frames_held <= lookahead + (k - 1) * d + 1 + READ_CHUNK
+    assert source.max_frames_held <= lookahead + (k - 1) * d + 1
     # the frames handed out are the plain frame source's (same decoder, same resize)
     plain = {w.window.focal_frame: w.frames for w in FrameSource(str(edit.path)).windows(k, s, d)}
     for w in got:
