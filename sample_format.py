@@ -150,6 +150,8 @@ def encode_depth(depth: torch.Tensor, levels: int = 255) -> tuple[np.ndarray, fl
         # test below fails on any NaN) and no masked copies: four passes over the map in all.
         d_min, d_max = float(d.min()), float(d.max())
         if d_min > 0 and d_max < float("inf"):
+            if d_min == d_max:  # a constant map: every pixel the farthest level, as the general
+                return np.ones(d.shape, dtype), d_min, d_max  # path below gives, at a tenth of its cost
             inv_far, inv_near = 1.0 / d_max, 1.0 / d_min
             span = max(inv_near - inv_far, 1e-12)
             if span * 1e7 >= inv_near:  # else scale / d and the offset cancel too much (a near-constant map)

@@ -398,8 +398,10 @@ def test_depth_codec_every_pixel_valid_matches_the_masked_path(levels):
         assert np.array_equal(code.ravel()[1:], masked.ravel()[1:]), f"trial {trial}"
         exact = 1 + (1 / depth.double().numpy() - 1 / depth_max) / (1 / depth_min - 1 / depth_max) * (levels - 1)
         assert np.abs(code - exact).max() <= 0.5 + 1e-9
-    flat = torch.full((3, 4), 2.5)  # no range at all: every pixel on the far level
+    flat = torch.full((3, 4), 2.5)  # no range at all: every pixel on the far level (a shortcut) ...
     assert encode_depth(flat, levels)[0].tolist() == [[1] * 4] * 3
+    flat[0, 0] = float("nan")  # ... as the masked path has it
+    assert encode_depth(flat, levels)[0].tolist() == [[0, 1, 1, 1]] + [[1] * 4] * 2
 
 
 def test_dir_files_hold_the_bytes_of_encode_sample(tmp_path):
