@@ -150,8 +150,6 @@ def encode_depth(depth: torch.Tensor, levels: int = 255) -> tuple[np.ndarray, fl
         # test below fails on any NaN) and no masked copies: four passes over the map in all.
         d_min, d_max = float(d.min()), float(d.max())
         if d_min > 0 and d_max < float("inf"):
-            if d_min == d_max:  # a constant map: every pixel the farthest level, as the general
-                return np.ones(d.shape, dtype), d_min, d_max  # path below gives, at a tenth of its cost
             inv_far, inv_near = 1.0 / d_max, 1.0 / d_min
             span = max(inv_near - inv_far, 1e-12)
             if span * 1e7 >= inv_near:  # else scale / d and the offset cancel too much (a near-constant map)
@@ -162,6 +160,9 @@ def encode_depth(depth: torch.Tensor, levels: int = 255) -> tuple[np.ndarray, fl
                 code = np.divide(scale, d, dtype=np.float64)
                 code += 1.5 - inv_far * scale
                 return code.astype(dtype), d_min, d_max
+            # a (near-)constant map: the masked path's formula, without its masks (a tenth of its cost)
+            code = _inverse_depth_code(d.astype(np.float64, copy=False), inv_far, span, levels)
+            return _rounded(code, levels, dtype), d_min, d_max
     d = d.astype(np.float64, copy=False)
     with np.errstate(invalid="ignore"):
         valid = np.isfinite(d) & (d > 0)
@@ -171,8 +172,20 @@ def encode_depth(depth: torch.Tensor, levels: int = 255) -> tuple[np.ndarray, fl
     inv_far, inv_near = 1.0 / d_max, 1.0 / d_min
     span = max(inv_near - inv_far, 1e-12)
     code = np.zeros(d.shape, np.float64)
-    code[valid] = 1 + (1.0 / d[valid] - inv_far) / span * (levels - 1)
-    return np.clip(np.floor(code + 0.5, out=code), 0, levels, out=code).astype(dtype), d_min, d_max
+    code[valid] = _inverse_depth_code(d[valid], inv_far, span, levels)
+    return _rounded(code, levels, dtype), d_min, d_max
+
+
+def _inverse_depth_code(d: np.ndarray, inv_far: float, span: float, levels: int) -> np.ndarray:
+    """float64 depth -> its unrounded code, 1 (farthest) .. levels (nearest)."""
+    return 1 + (1.0 / d - inv_far) / span * (levels - 1)
+
+
+def _rounded(code: np.ndarray, levels: int, dtype) -> np.ndarray:
+    """Unrounded float64 codes (overwritten) -> integer codes, rounded half up, within [0, levels]."""
+    import numpy as np
+
+    return np.clip(np.floor(code + 0.5, out=code), 0, levels, out=code).astype(dtype)
 
 
 def decode_depth(code: np.ndarray, depth_min: float, depth_max: float, levels: int = 255,
