@@ -15,6 +15,11 @@ a vggt source checkout (the folder holding the `vggt` package) when it is not in
               replayed, so only post-processing runs)
   e2e         model-only vs end-to-end (decode thread -> model -> writer, real files) windows/s on
               a generated 1080p clip at strides 1 and 3 (k5, dilation 1)
+  variants    forward variants measured before any is kept (issue 12): the aggregator's weights cast
+              to bf16 once (autocast re-casts them every forward; the heads stay fp32) and, with
+              --compile BACKEND, torch.compile of the network (first call = compile time; its graph
+              breaks): ms/window, peak memory and how far the outputs move from the tool's model
+              on the same input (random weights: a rough guide)
   oom         out-of-memory recovery: device memory filled until only a few windows fit, the
               pipeline at a batch that does not: it must halve, write every sample, leak nothing
 """
@@ -237,6 +242,73 @@ def check_upstream(args, network, device) -> None:
     free_memory(device)
 
 
+def check_variants(args, device) -> None:
+    """Each variant is built from a fresh network (the same seeded weights): make_vggt patches a
+    network in place, so a copy of a patched one would still run the original's blocks."""
+    import torch
+
+    from streaming_vggt import make_vggt
+
+    batch = min(8, max(args.batch_sizes))
+    x = torch.rand(batch, args.kernel, 3, args.height, args.width, generator=torch.Generator().manual_seed(1))
+    x = x.to(device)
+
+    def build(name):
+        model = make_vggt(device, network=build_network(args, device), precision=args.precision)
+        if name.startswith("bf16 aggregator"):
+            # the heads stay fp32 (VGGT runs them with autocast off): the aggregator's weights are cast
+            # once, its input cast as autocast would, its kept layer outputs handed on in fp32
+            aggregator = model.network.aggregator.to(torch.bfloat16)
+            inner = aggregator.forward
+
+            def forward(images, *rest, **options):
+                outputs, start = inner(images.to(torch.bfloat16), *rest, **options)
+                return [t.float() for t in outputs], start
+
+            aggregator.forward = forward
+        if name.startswith("torch.compile"):
+            model.network = torch.compile(model.network, backend=args.compile, dynamic=False)
+        return model, x
+
+    names = ["tool: fp32 weights" + (", autocast" if device.type == "cuda" else ""), "bf16 aggregator weights"]
+    names += [f"torch.compile {args.compile}"] if args.compile else []
+    print(f"\n## forward variants: B={batch}, k{args.kernel} {args.height}x{args.width}, precision "
+          f"{args.precision}; output change against the tool's model on the same input")
+    print(f"{'variant':<28} | {'first call s':>12} | {'ms/window':>9} | {'peak GiB':>8} | "
+          f"{'depth rel. diff median / p99':>28} | {'extrinsic max diff':>18}")
+    reference = None
+    for name in names:
+        free_memory(device)
+        model, inputs = build(name)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        with torch.inference_mode():
+            started = time.perf_counter()
+            out = model(inputs)  # for torch.compile: the compilation
+            sync(device)
+            first = time.perf_counter() - started
+        ms = 1000 * time_forward(model, inputs, device, args.iterations) / batch
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else float("nan")
+        out = {k: v.float().cpu() for k, v in out.items()}
+        if reference is None:
+            reference, change = out, "(reference)"
+            extrinsic = ""
+        else:
+            relative = ((out["depth"] - reference["depth"]).abs() / reference["depth"].abs().clamp_min(1e-6)).flatten()
+            low, high = torch.quantile(relative[torch.isfinite(relative)][:1 << 24].double(),
+                                       torch.tensor([0.5, 0.99], dtype=torch.float64)).tolist()
+            change = f"{low:.2e} / {high:.2e}"
+            extrinsic = f"{(out['extrinsic'] - reference['extrinsic']).abs().max().item():.2e}"
+        print(f"{name:<28} | {first:12.2f} | {ms:9.1f} | {peak:8.2f} | {change:>28} | {extrinsic:>18}")
+        del model, inputs, out
+    if args.compile:
+        from torch._dynamo.utils import counters
+
+        print(f"torch.compile graph breaks: {sum(counters['graph_break'].values())}")
+    free_memory(device)
+
+
 class Replay:
     """A model that returns one stored set of outputs: the stage then measures only post-processing."""
 
@@ -442,8 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-frames", type=int, default=300)
     p.add_argument("--e2e-batch", default="auto", help="windows per forward in the e2e runs (auto: as the tool)")
     p.add_argument("--oom-batch", type=int, default=16)
-    p.add_argument("--sections", nargs="+", default=["forward", "post", "e2e", "oom"],
-                   choices=["forward", "post", "e2e", "oom"])
+    p.add_argument("--compile", default=None, metavar="BACKEND",
+                   help="also time torch.compile(network, backend=BACKEND) in the variants section "
+                        "(inductor: minutes of compilation; eager: tracing only)")
+    p.add_argument("--sections", nargs="+", default=["forward", "variants", "post", "e2e", "oom"],
+                   choices=["forward", "variants", "post", "e2e", "oom"])
     return p
 
 
@@ -466,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
         model = check_forward(args, network, device)["model"]
     else:
         model = make_vggt(device, network=network, precision=args.precision)
+    if "variants" in args.sections:
+        check_variants(args, device)
     if "post" in args.sections:
         check_post(args, model, device)
     if "e2e" in args.sections:
