@@ -342,10 +342,7 @@ class GeometryStage:
             x = self._input.permute(0, 1, 4, 2, 3)
             colours = [frames_u8[b] for b in range(B)]
         else:  # two vectorised passes on the device: stack of views, then convert and divide in place
-            frames_u8 = _stacked(frames_u8)
-            if frames_u8.device.type == "cpu":
-                frames_u8 = frames_u8.pin_memory()
-            colours = frames_u8.to(self.device, non_blocking=True)
+            colours = _stacked(frames_u8, pin=frames_u8[0].device.type == "cpu").to(self.device, non_blocking=True)
             x = torch.stack([colours[:, i] for i in order], dim=1).permute(0, 1, 4, 2, 3).float().div_(255)
         out = self.model(x)
         position = [order.index(i) for i in range(S)]  # time frame s -> model input position[s]
@@ -638,11 +635,16 @@ def _assemble_on_host(out: dict, flat: torch.Tensor) -> list[torch.Tensor]:
     return windows
 
 
-def _stacked(frames: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-    """uint8 [B,S,H,W,3] itself, or B windows' [S,H,W,3] stacked into one (one window: a view)."""
+def _stacked(frames: torch.Tensor | list[torch.Tensor], pin: bool = False) -> torch.Tensor:
+    """uint8 [B,S,H,W,3] itself, or B windows' [S,H,W,3] stacked into one (one window: a view).
+    `pin`: in page-locked memory, for a non-blocking upload; B windows are stacked straight into
+    it, one host copy instead of a stack and then a pinned copy (73 MB each at B=32, k5 518x294)."""
     if isinstance(frames, torch.Tensor):
-        return frames
-    return torch.stack(frames) if len(frames) > 1 else frames[0][None]
+        return frames.pin_memory() if pin else frames
+    if len(frames) == 1:
+        return frames[0][None].pin_memory() if pin else frames[0][None]
+    out = torch.empty((len(frames), *frames[0].shape), dtype=frames[0].dtype, pin_memory=pin)
+    return torch.stack(frames, out=out)
 
 
 def _time_frames(out: dict, key: str, b: int) -> list[np.ndarray]:
