@@ -268,7 +268,7 @@ def check_variants(args, device) -> None:
             aggregator.forward = forward
         if name.startswith("torch.compile"):
             model.network = torch.compile(model.network, backend=args.compile, dynamic=False)
-        return model, x
+        return model
 
     names = ["tool: fp32 weights" + (", autocast" if device.type == "cuda" else ""), "bf16 aggregator weights"]
     names += [f"torch.compile {args.compile}"] if args.compile else []
@@ -279,16 +279,16 @@ def check_variants(args, device) -> None:
     reference = None
     for name in names:
         free_memory(device)
-        model, inputs = build(name)
+        model = build(name)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
         with torch.inference_mode():
             started = time.perf_counter()
-            out = model(inputs)  # for torch.compile: the compilation
+            out = model(x)  # for torch.compile: the compilation
             sync(device)
             first = time.perf_counter() - started
-        ms = 1000 * time_forward(model, inputs, device, args.iterations) / batch
+        ms = 1000 * time_forward(model, x, device, args.iterations) / batch
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else float("nan")
         out = {k: v.float().cpu() for k, v in out.items()}
         if reference is None:
@@ -301,7 +301,7 @@ def check_variants(args, device) -> None:
             change = f"{low:.2e} / {high:.2e}"
             extrinsic = f"{(out['extrinsic'] - reference['extrinsic']).abs().max().item():.2e}"
         print(f"{name:<28} | {first:12.2f} | {ms:9.1f} | {peak:8.2f} | {change:>28} | {extrinsic:>18}")
-        del model, inputs, out
+        del model, out
     if args.compile:
         from torch._dynamo.utils import counters
 
